@@ -1,0 +1,90 @@
+//! The library's one error type. Every variant names the file, row, key or tensor it is about,
+//! so a binary can print it as-is and exit non-zero.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML, or a value has the wrong type.
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    /// A config key (file or `--set`) is not one the pipeline knows.
+    #[error("{path}: unknown config key `{key}`")]
+    UnknownKey { path: PathBuf, key: String },
+    /// A config value is of the right type but not acceptable.
+    #[error("config key `{key}`: {message}")]
+    InvalidValue { key: String, message: String },
+    /// A command-line argument could not be understood.
+    #[error("{0}")]
+    Usage(String),
+    /// The label CSV could not be parsed.
+    #[error("{path}: {message}")]
+    Csv { path: PathBuf, message: String },
+    /// A named column is not in the CSV.
+    #[error("{path}: no column `{column}` (columns: {available})")]
+    MissingColumn {
+        path: PathBuf,
+        column: String,
+        available: String,
+    },
+    /// A row of the dataset is wrong (empty cell, unknown label, path escaping the images dir).
+    #[error("{path}, line {line}: {message}")]
+    BadRow {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    /// The dataset has no usable rows.
+    #[error("{0}: the dataset is empty")]
+    EmptyDataset(PathBuf),
+    /// An image file could not be read or decoded.
+    #[error("image {path}: {message}")]
+    BadImage { path: PathBuf, message: String },
+    /// A weights file is missing a tensor, or has one of the wrong shape.
+    #[error("weights {path}: tensor `{tensor}`: {message}")]
+    Weights {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+    /// A weights file could not be opened as safetensors, or found on the hub.
+    #[error("weights {source_name}: {message}")]
+    WeightsSource {
+        source_name: String,
+        message: String,
+    },
+    /// The feature cache is absent, incomplete, corrupt or made from other inputs.
+    #[error("feature cache {path}: {message}")]
+    Cache { path: PathBuf, message: String },
+    /// Training could not go on (NaN loss, classes missing from training, ...).
+    #[error("training: {0}")]
+    Training(String),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Adds the path to an I/O error.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,23 @@
+//! The transfer-learning pipeline as a library: the binaries only parse arguments and call
+//! one function here. Modules follow the data flow: config -> dataset -> preprocess ->
+//! weights -> backbone -> store (feature cache) -> extract.
+
+pub mod backbone;
+pub mod cli;
+pub mod config;
+pub mod dataset;
+pub mod device;
+pub mod error;
+pub mod extract;
+pub mod preprocess;
+pub mod progress;
+pub mod store;
+pub mod weights;
+
+pub use backbone::Vgg16Features;
+pub use config::Config;
+pub use dataset::{Dataset, Sample};
+pub use error::{Error, Result};
+pub use preprocess::Preprocessing;
+pub use store::{FeatureSet, FeatureStore, Manifest};
+pub use weights::{Weights, WeightsSource};

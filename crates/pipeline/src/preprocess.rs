@@ -1,0 +1,302 @@
+//! Pixels to network input: decode (any colour type to RGB), resize, scale, normalise, CHW.
+//!
+//! The weights decide the preprocessing: it is read from the safetensors metadata or from a
+//! table of known hub weights, and any field can be overridden in `[preprocess]`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use image::imageops::FilterType;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ChannelOrder, PreprocessConfig, ResizeMode};
+use crate::error::{Error, Result};
+
+/// ImageNet statistics on 0..1 pixels, used by torchvision and timm weights.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// The complete recipe turning a file into a network input. Recorded in the feature manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preprocessing {
+    pub input_size: u32,
+    /// Pixels are mapped from 0..255 to 0..input_scale before normalising.
+    pub input_scale: f32,
+    /// In RGB order, in scaled units.
+    pub mean: [f32; 3],
+    /// In RGB order, in scaled units.
+    pub std: [f32; 3],
+    pub channel_order: ChannelOrder,
+    pub resize: ResizeMode,
+}
+
+/// Preprocessing fields, each possibly unknown: what one source (metadata, table, config) says.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Partial {
+    pub input_size: Option<u32>,
+    pub input_scale: Option<f32>,
+    pub mean: Option<[f32; 3]>,
+    pub std: Option<[f32; 3]>,
+    pub channel_order: Option<ChannelOrder>,
+}
+
+impl Partial {
+    /// Fields from a safetensors `__metadata__` map (`input_size`, `input_scale`, `mean`, `std`,
+    /// `channel_order`; triples written "a,b,c"). A present but unparsable field is an error.
+    pub fn from_metadata(meta: &HashMap<String, String>, file: &Path) -> Result<Self> {
+        let bad = |key: &str, v: &str| Error::WeightsSource {
+            source_name: file.display().to_string(),
+            message: format!("metadata `{key}` = `{v}` is not understood"),
+        };
+        let num = |key: &str| -> Result<Option<f32>> {
+            meta.get(key)
+                .map(|v| v.trim().parse::<f32>().map_err(|_| bad(key, v)))
+                .transpose()
+        };
+        let triple = |key: &str| -> Result<Option<[f32; 3]>> {
+            meta.get(key)
+                .map(|v| parse_triple(v).ok_or_else(|| bad(key, v)))
+                .transpose()
+        };
+        let channel_order = meta
+            .get("channel_order")
+            .map(|v| match v.trim().to_ascii_uppercase().as_str() {
+                "RGB" => Ok(ChannelOrder::Rgb),
+                "BGR" => Ok(ChannelOrder::Bgr),
+                _ => Err(bad("channel_order", v)),
+            })
+            .transpose()?;
+        Ok(Self {
+            input_size: num("input_size")?.map(|v| v as u32),
+            input_scale: num("input_scale")?,
+            mean: triple("mean")?,
+            std: triple("std")?,
+            channel_order,
+        })
+    }
+
+    /// The preprocessing of known hub weights, by repository name.
+    pub fn known(repo: &str) -> Option<Self> {
+        match repo {
+            "timm/vgg16.tv_in1k" | "timm/vgg16_bn.tv_in1k" => Some(Self {
+                input_size: Some(224),
+                input_scale: Some(1.0),
+                mean: Some(IMAGENET_MEAN),
+                std: Some(IMAGENET_STD),
+                channel_order: Some(ChannelOrder::Rgb),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The `[preprocess]` overrides.
+    pub fn from_config(c: &PreprocessConfig) -> Self {
+        Self {
+            input_size: c.input_size,
+            input_scale: c.input_scale,
+            mean: c.mean,
+            std: c.std,
+            channel_order: c.channel_order,
+        }
+    }
+
+    /// Fills the fields `self` lacks from `other`.
+    pub fn or(self, other: Self) -> Self {
+        Self {
+            input_size: self.input_size.or(other.input_size),
+            input_scale: self.input_scale.or(other.input_scale),
+            mean: self.mean.or(other.mean),
+            std: self.std.or(other.std),
+            channel_order: self.channel_order.or(other.channel_order),
+        }
+    }
+
+    /// The full recipe, or an error naming the first field nobody set.
+    pub fn complete(self, resize: ResizeMode, weights: &str) -> Result<Preprocessing> {
+        let missing = |field: &str| Error::WeightsSource {
+            source_name: weights.to_string(),
+            message: format!(
+                "the weights do not say their `{field}`; set `preprocess.{field}` in the config"
+            ),
+        };
+        Ok(Preprocessing {
+            input_size: self.input_size.ok_or_else(|| missing("input_size"))?,
+            input_scale: self.input_scale.ok_or_else(|| missing("input_scale"))?,
+            mean: self.mean.ok_or_else(|| missing("mean"))?,
+            std: self.std.ok_or_else(|| missing("std"))?,
+            channel_order: self.channel_order.ok_or_else(|| missing("channel_order"))?,
+            resize,
+        })
+    }
+}
+
+fn parse_triple(v: &str) -> Option<[f32; 3]> {
+    let parts: Vec<f32> = v
+        .trim_matches(|c| c == '[' || c == ']' || c == '(' || c == ')')
+        .split(',')
+        .map(|p| p.trim().parse().ok())
+        .collect::<Option<_>>()?;
+    parts.try_into().ok()
+}
+
+impl Preprocessing {
+    /// Values per image: 3 x size x size.
+    pub fn len(&self) -> usize {
+        3 * (self.input_size as usize).pow(2)
+    }
+
+    /// Decodes, resizes and normalises one image file into CHW floats.
+    pub fn load(&self, path: &Path) -> Result<Vec<f32>> {
+        let bad = |message: String| Error::BadImage {
+            path: path.to_owned(),
+            message,
+        };
+        let img = image::ImageReader::open(path)
+            .map_err(|e| bad(e.to_string()))?
+            .with_guessed_format()
+            .map_err(|e| bad(e.to_string()))?
+            .decode()
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(self.apply(&img))
+    }
+
+    /// Resizes and normalises a decoded image (any colour type) into CHW floats.
+    pub fn apply(&self, img: &image::DynamicImage) -> Vec<f32> {
+        let size = self.input_size;
+        let rgb = img.to_rgb8();
+        let rgb = match self.resize {
+            _ if rgb.dimensions() == (size, size) => rgb,
+            ResizeMode::Squash => image::imageops::resize(&rgb, size, size, FilterType::Triangle),
+            ResizeMode::CenterCrop => {
+                let short = (size as f32 / 0.875).round() as u32;
+                let (w, h) = rgb.dimensions();
+                let (nw, nh) = if w <= h {
+                    (short, ((h as u64 * short as u64) / w.max(1) as u64) as u32)
+                } else {
+                    (((w as u64 * short as u64) / h.max(1) as u64) as u32, short)
+                };
+                let r = image::imageops::resize(&rgb, nw, nh, FilterType::Triangle);
+                image::imageops::crop_imm(&r, (nw - size) / 2, (nh - size) / 2, size, size)
+                    .to_image()
+            }
+        };
+        let plane = (size * size) as usize;
+        let mut out = vec![0f32; 3 * plane];
+        let src_channel = match self.channel_order {
+            ChannelOrder::Rgb => [0, 1, 2],
+            ChannelOrder::Bgr => [2, 1, 0],
+        };
+        let scale = self.input_scale / 255.0;
+        for (c, &src) in src_channel.iter().enumerate() {
+            let (m, s) = (self.mean[src], self.std[src]);
+            let dst = &mut out[c * plane..(c + 1) * plane];
+            for (d, p) in dst.iter_mut().zip(rgb.pixels()) {
+                *d = (p.0[src] as f32 * scale - m) / s;
+            }
+        }
+        out
+    }
+
+    /// Loads many images in parallel, each result naming its file on failure.
+    pub fn load_many(&self, paths: &[&Path]) -> Vec<Result<Vec<f32>>> {
+        paths.par_iter().map(|p| self.load(p)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vgg_oxford() -> Preprocessing {
+        Preprocessing {
+            input_size: 2,
+            input_scale: 255.0,
+            mean: [123.68, 116.779, 103.939],
+            std: [1.0, 1.0, 1.0],
+            channel_order: ChannelOrder::Rgb,
+            resize: ResizeMode::Squash,
+        }
+    }
+
+    #[test]
+    fn normalises_known_pixels_in_chw_order() {
+        let mut img = image::RgbImage::new(2, 2);
+        img.put_pixel(1, 0, image::Rgb([255, 0, 10]));
+        let out = vgg_oxford().apply(&image::DynamicImage::ImageRgb8(img));
+        assert_eq!(out.len(), 12);
+        // channel 0 (R), pixel (x=1, y=0) is index 1
+        assert!((out[1] - (255.0 - 123.68)).abs() < 1e-4);
+        assert!((out[0] + 123.68).abs() < 1e-4);
+        // channel 2 (B) plane starts at 8
+        assert!((out[9] - (10.0 - 103.939)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn bgr_swaps_channels_and_their_statistics() {
+        let mut p = vgg_oxford();
+        p.channel_order = ChannelOrder::Bgr;
+        let img = image::RgbImage::from_pixel(2, 2, image::Rgb([200, 100, 50]));
+        let out = p.apply(&image::DynamicImage::ImageRgb8(img));
+        assert!((out[0] - (50.0 - 103.939)).abs() < 1e-4);
+        assert!((out[8] - (200.0 - 123.68)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn imagenet_scaling_on_unit_pixels() {
+        let p = Preprocessing {
+            input_scale: 1.0,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            ..vgg_oxford()
+        };
+        let img = image::RgbImage::from_pixel(2, 2, image::Rgb([255, 255, 255]));
+        let out = p.apply(&image::DynamicImage::ImageRgb8(img));
+        assert!((out[0] - (1.0 - 0.485) / 0.229).abs() < 1e-5);
+    }
+
+    #[test]
+    fn grayscale_and_alpha_become_rgb_and_size_is_forced() {
+        let p = Preprocessing {
+            input_size: 4,
+            ..vgg_oxford()
+        };
+        let gray = image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(7, 3, image::Luma([9])));
+        assert_eq!(p.apply(&gray).len(), 48);
+        let rgba = image::DynamicImage::ImageRgba8(image::RgbaImage::new(9, 9));
+        assert_eq!(p.apply(&rgba).len(), 48);
+        let crop = Preprocessing {
+            resize: ResizeMode::CenterCrop,
+            ..p
+        };
+        assert_eq!(crop.apply(&gray).len(), 48);
+    }
+
+    #[test]
+    fn metadata_is_parsed_and_overrides_win() {
+        let meta: HashMap<String, String> = [
+            ("input_size", "224"),
+            ("input_scale", "255"),
+            ("mean", "123.68,116.779,103.939"),
+            ("std", "1,1,1"),
+            ("channel_order", "RGB"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let from_file = Partial::from_metadata(&meta, Path::new("w")).expect("parses");
+        assert_eq!(from_file.mean, Some([123.68, 116.779, 103.939]));
+        let over = Partial {
+            input_size: Some(112),
+            ..Partial::default()
+        };
+        let p = over.or(from_file).complete(ResizeMode::Squash, "w").expect("complete");
+        assert_eq!(p.input_size, 112);
+        assert_eq!(p.input_scale, 255.0);
+        let err = Partial::default().complete(ResizeMode::Squash, "w").expect_err("missing");
+        assert!(err.to_string().contains("input_size"));
+        let mut bad = meta.clone();
+        bad.insert("mean".into(), "1,2".into());
+        assert!(Partial::from_metadata(&bad, Path::new("w")).is_err());
+    }
+}
