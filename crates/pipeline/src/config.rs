@@ -349,9 +349,8 @@ impl Config {
     /// Deserialises a table, naming any unknown key and the key of any ill-typed value.
     pub fn from_table(table: toml::Table, path: &Path) -> Result<Self> {
         let mut unknown = Vec::new();
-        let de = serde_ignored::Deserializer::new(toml::Value::Table(table), |p| {
-            unknown.push(p.to_string())
-        });
+        let mut record = |p: serde_ignored::Path| unknown.push(p.to_string());
+        let de = serde_ignored::Deserializer::new(toml::Value::Table(table), &mut record);
         let parsed: std::result::Result<Config, _> = serde_path_to_error::deserialize(de);
         if let Some(key) = unknown.into_iter().next() {
             return Err(Error::UnknownKey {
@@ -394,13 +393,13 @@ impl Config {
         }
         crate::device::DeviceChoice::parse(&self.extract.device)?;
         let v = self.split.val_fraction;
-        if !(v > 0.0 && v < 1.0) {
+        if v.is_nan() || v <= 0.0 || v >= 1.0 {
             return bad("split.val_fraction", "must be between 0 and 1 (exclusive)");
         }
         if self.head.batch_size == 0 || self.cnn.batch_size == 0 {
             return bad("head.batch_size / cnn.batch_size", "must be at least 1");
         }
-        if !(self.head.lr > 0.0) || !(self.cnn.lr > 0.0) {
+        if self.head.lr.is_nan() || self.head.lr <= 0.0 || self.cnn.lr.is_nan() || self.cnn.lr <= 0.0 {
             return bad("head.lr / cnn.lr", "must be positive");
         }
         if !(0.0..1.0).contains(&self.head.dropout) {
@@ -410,7 +409,7 @@ impl Config {
             return bad("cnn.channels", "needs at least one block, each of 1+ channels");
         }
         let pools = 1u32 << self.cnn.channels.len();
-        if self.cnn.input_size % pools != 0 {
+        if !self.cnn.input_size.is_multiple_of(pools) {
             return bad(
                 "cnn.input_size",
                 &format!(
@@ -419,7 +418,7 @@ impl Config {
             );
         }
         if let Some(s) = self.preprocess.std {
-            if s.iter().any(|x| *x == 0.0) {
+            if s.contains(&0.0) {
                 return bad("preprocess.std", "must not contain 0");
             }
         }

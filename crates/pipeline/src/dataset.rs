@@ -124,7 +124,7 @@ fn read_csv_columns(csv: &Path, columns: &[&str]) -> Result<Vec<Vec<Option<Strin
                 });
             }
             let c = df.column(col).and_then(|c| c.str().cloned()).map_err(csv_err)?;
-            Ok(c.into_iter().map(|v| v.map(|s| s.trim().to_string())).collect())
+            Ok(c.iter().map(|v| v.map(|s| s.trim().to_string())).collect())
         })
         .collect()
 }
@@ -141,6 +141,13 @@ fn from_csv(
     let mut cols = read_csv_columns(csv, &wanted)?;
     let mut names = cols.remove(0);
     let mut labels = cols.pop();
+    // Classes come from every row, so a `limit` smoke run keeps the full class list.
+    let all_classes = labels.as_ref().map(|l| {
+        class_order(
+            cfg.classes.as_deref(),
+            l.iter().flatten().filter(|s| !s.is_empty()).map(String::as_str),
+        )
+    });
     if let Some(limit) = cfg.limit {
         names.truncate(limit);
         if let Some(l) = labels.as_mut() {
@@ -176,7 +183,7 @@ fn from_csv(
                         .ok_or_else(|| row_err(i, format!("empty `{label_column}`")))?,
                 );
             }
-            let classes = class_order(cfg.classes.as_deref(), texts.iter().map(String::as_str));
+            let classes = all_classes.unwrap_or_default();
             for (i, (s, t)) in samples.iter_mut().zip(&texts).enumerate() {
                 let idx = classes.iter().position(|c| c == t).ok_or_else(|| {
                     row_err(

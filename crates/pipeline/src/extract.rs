@@ -24,6 +24,8 @@ use crate::weights::{Weights, WeightsSource};
 /// Everything resolved before any pixel goes through the network.
 pub struct Plan {
     pub dataset: Dataset,
+    /// Content hash of every sample's file; `None` where it could not be read (skip mode).
+    pub hashes: Vec<Option<String>>,
     pub weights: Weights,
     pub preprocessing: Preprocessing,
     pub key: CacheKey,
@@ -41,15 +43,10 @@ impl Plan {
             .or(Partial::from_metadata(&weights.metadata, &weights.path)?)
             .or(source.known_preprocessing())
             .complete(config.preprocess.resize, &config.backbone.weights)?;
+        let hashes = hash_samples(&dataset, config.data.on_bad_image)?;
         let mut digest = Sha256::new();
-        for (s, h) in dataset.samples.iter().zip(content_hashes(&dataset.samples)) {
-            let h = match h {
-                Ok(h) => h,
-                Err(e) if config.data.on_bad_image == OnBadImage::Error => {
-                    return Err(with_line(e, s.line))
-                }
-                Err(_) => "unreadable".into(),
-            };
+        for (s, h) in dataset.samples.iter().zip(&hashes) {
+            let h = h.as_deref().unwrap_or("unreadable");
             let label = s.label.map(|l| l as i64).unwrap_or(-1);
             digest.update(format!("{}\t{label}\t{h}\n", s.id));
         }
@@ -68,11 +65,27 @@ impl Plan {
         };
         Ok(Self {
             dataset,
+            hashes,
             weights,
             preprocessing,
             key,
         })
     }
+}
+
+/// Content hashes of the dataset's files. With `on_bad_image = "error"` an unreadable file is an
+/// error naming it and its line; otherwise its hash is `None`.
+pub fn hash_samples(dataset: &Dataset, on_bad_image: OnBadImage) -> Result<Vec<Option<String>>> {
+    dataset
+        .samples
+        .iter()
+        .zip(content_hashes(&dataset.samples))
+        .map(|(s, h)| match h {
+            Ok(h) => Ok(Some(h)),
+            Err(e) if on_bad_image == OnBadImage::Error => Err(with_line(e, s.line)),
+            Err(_) => Ok(None),
+        })
+        .collect()
 }
 
 /// What a run did, for the closing summary line.
@@ -292,7 +305,7 @@ fn compute_shards(
 }
 
 /// Adds the label-file line to an image error, so the user can find the row.
-fn with_line(e: Error, line: usize) -> Error {
+pub(crate) fn with_line(e: Error, line: usize) -> Error {
     match e {
         Error::BadImage { path, message } if line > 0 => Error::BadImage {
             path,

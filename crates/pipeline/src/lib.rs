@@ -4,14 +4,25 @@
 
 pub mod backbone;
 pub mod cli;
+pub mod cnn;
 pub mod config;
 pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod extract;
+pub mod head;
+pub mod metrics;
+pub mod plot;
+pub mod predict;
 pub mod preprocess;
 pub mod progress;
+pub mod report;
+pub mod rng;
+pub mod runs;
+pub mod split;
 pub mod store;
+pub mod study;
+pub mod train;
 pub mod weights;
 
 pub use backbone::Vgg16Features;

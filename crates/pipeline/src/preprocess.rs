@@ -146,6 +146,11 @@ impl Preprocessing {
         3 * (self.input_size as usize).pow(2)
     }
 
+    /// Whether an image has no values (an input size of 0).
+    pub fn is_empty(&self) -> bool {
+        self.input_size == 0
+    }
+
     /// Decodes, resizes and normalises one image file into CHW floats.
     pub fn load(&self, path: &Path) -> Result<Vec<f32>> {
         let bad = |message: String| Error::BadImage {

@@ -1,0 +1,135 @@
+//! Every fast kernel against the plain reference convolution (`fastconv::reference`, f64
+//! accumulation) on random shapes: odd sizes, 1 and 3 input channels, batch 1 and 7, with and
+//! without the fused max-pool.
+//!
+//! Bounds: f32 path `max|diff| / max|ref| <= 1e-5` (the exactness bound; observed
+//! ~1e-7); bf16 path `<= 1e-2`.
+
+use fastconv::{conv3x3_relu_nchw, reference, Conv3x3};
+
+/// A small deterministic generator (SplitMix64), so failures reproduce without a `rand` dep.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f32()).collect()
+    }
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let max_ref = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let max_diff = got
+        .iter()
+        .zip(want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    if max_ref == 0.0 {
+        max_diff
+    } else {
+        max_diff / max_ref
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check(
+    rng: &mut Rng,
+    batch: usize,
+    cin: usize,
+    cout: usize,
+    h: usize,
+    w: usize,
+    pool: bool,
+    bf16: bool,
+) {
+    let input = rng.vec(batch * cin * h * w);
+    let weight: Vec<f32> = rng.vec(cout * cin * 9);
+    // A positive bias shift keeps about half the ReLU outputs alive.
+    let bias: Vec<f32> = rng.vec(cout).iter().map(|b| b * 0.5).collect();
+    let layer = Conv3x3::new(&weight, &bias, cin, cout, bf16).expect("layer");
+    let got = conv3x3_relu_nchw(&layer, &input, batch, h, w, pool).expect("fast conv");
+    let want = reference::conv3x3_relu_nchw(&input, batch, cin, h, w, &weight, &bias, cout, pool);
+    let err = rel_err(&got, &want);
+    let bound = if bf16 { 1e-2 } else { 1e-5 };
+    assert!(
+        err <= bound,
+        "batch {batch} cin {cin} cout {cout} {h}x{w} pool {pool} bf16 {bf16}: rel err {err:e} > {bound:e}"
+    );
+}
+
+#[test]
+fn f32_matches_reference_on_random_shapes() {
+    let mut rng = Rng(1);
+    for &batch in &[1, 7] {
+        for &cin in &[1, 3, 16, 67] {
+            for &pool in &[false, true] {
+                let (h, w) = (rng.range(1, 19), rng.range(1, 19));
+                let cout = rng.range(1, 40);
+                check(&mut rng, batch, cin, cout, h, w, pool, false);
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_odd_sizes_and_floor_pooling() {
+    let mut rng = Rng(2);
+    for &(h, w) in &[
+        (1, 1),
+        (1, 7),
+        (7, 1),
+        (3, 5),
+        (9, 13),
+        (2, 2),
+        (5, 5),
+        (31, 3),
+    ] {
+        for &pool in &[false, true] {
+            check(&mut rng, 1, 3, 5, h, w, pool, false);
+            check(&mut rng, 7, 1, 8, h, w, pool, false);
+        }
+    }
+}
+
+#[test]
+fn f32_large_layer_spans_many_chunks() {
+    // 600 + 2 columns > the 512-position chunk target, so every chunk is one row; 57 rows give
+    // a ragged last chunk, and many channels exercise the gemm crate's blocking.
+    let mut rng = Rng(3);
+    check(&mut rng, 1, 64, 70, 5, 600, false, false);
+    check(&mut rng, 1, 130, 33, 57, 21, true, false);
+    check(&mut rng, 2, 256, 64, 14, 14, true, false);
+}
+
+#[test]
+fn bf16_within_one_percent() {
+    let mut rng = Rng(4);
+    for &(batch, cin, h, w, pool) in &[
+        (1, 1, 9, 7, true),
+        (7, 3, 11, 5, false),
+        (1, 64, 14, 14, true),
+    ] {
+        check(&mut rng, batch, cin, 32, h, w, pool, true);
+    }
+}
+
+#[test]
+fn rejects_wrong_lengths() {
+    assert!(Conv3x3::new(&[0.0; 26], &[0.0], 3, 1, false).is_err());
+    assert!(Conv3x3::new(&[0.0; 27], &[0.0; 2], 3, 1, false).is_err());
+    let layer = Conv3x3::new(&[0.0; 27], &[0.0], 3, 1, false).expect("layer");
+    assert!(conv3x3_relu_nchw(&layer, &[0.0; 10], 1, 2, 2, false).is_err());
+}

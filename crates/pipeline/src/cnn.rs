@@ -1,0 +1,714 @@
+//! The study's from-scratch baseline: blocks of Conv2d(3x3, padding 1) + BatchNorm2d + ReLU +
+//! MaxPool(2x2), then one linear layer, trained on the raw images (pixels / 255). Owns the
+//! model's layers, their PyTorch-like initialisation and batch-norm semantics, the max-pool
+//! (written here because candle's `max_pool2d` backward is wrong), image loading for it, and
+//! its file format.
+//!
+//! Saved names: `block{i}.conv.weight` `[out, in, 3, 3]`, `block{i}.conv.bias`,
+//! `block{i}.bn.weight` (gamma), `block{i}.bn.bias` (beta), `block{i}.bn.running_mean`,
+//! `block{i}.bn.running_var`, `fc.weight` `[classes, in]`, `fc.bias`; the shape is in the
+//! metadata.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::config::{ChannelOrder, ResizeMode};
+use crate::error::{Error, Result};
+use crate::preprocess::Preprocessing;
+use crate::rng::Rng;
+use crate::train::{save_state, select_rows, uniform, SavedState, Trainable};
+
+/// PyTorch's BatchNorm2d defaults.
+const BN_MOMENTUM: f64 = 0.1;
+const BN_EPS: f64 = 1e-5;
+
+/// Loads images for the CNN: squashed to `size` x `size`, RGB, pixels / 255, no
+/// normalisation. Returns `[n, 3, size, size]` f32 on the CPU; an unreadable image is an error
+/// naming its file.
+pub fn load_images(paths: &[&Path], size: u32) -> Result<Tensor> {
+    let pre = Preprocessing {
+        input_size: size,
+        input_scale: 1.0,
+        mean: [0.0; 3],
+        std: [1.0; 3],
+        channel_order: ChannelOrder::Rgb,
+        resize: ResizeMode::Squash,
+    };
+    let mut data = Vec::with_capacity(paths.len() * pre.len());
+    for image in pre.load_many(paths) {
+        data.extend(image?);
+    }
+    let s = size as usize;
+    Ok(Tensor::from_vec(
+        data,
+        (paths.len(), 3, s, s),
+        &Device::Cpu,
+    )?)
+}
+
+/// 2x2 max-pooling with stride 2: `[b, c, h, w]` -> `[b, c, h / 2, w / 2]`.
+///
+/// Odd sizes follow PyTorch's floor semantics: the last row and/or column is dropped (and gets
+/// zero gradient). The gradient is exactly the output gradient at each window's maximum and 0
+/// elsewhere. On ties (common: a flat image region gives equal activations) only the first
+/// maximum in row-major order gets it, as in PyTorch; a plain `max` reduction would hand the
+/// full gradient to every tied element and so over-count flat regions.
+pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (h2, w2) = (h / 2, w / 2);
+    if h2 == 0 || w2 == 0 {
+        return Err(Error::Training(format!(
+            "cannot max-pool a {h}x{w} map with a 2x2 window"
+        )));
+    }
+    let x = if h % 2 == 1 || w % 2 == 1 {
+        x.narrow(2, 0, 2 * h2)?.narrow(3, 0, 2 * w2)?
+    } else {
+        x.clone()
+    };
+    // [b, c, h2, 2, w2, 2] -> [b, c, h2, w2, 4]: each window's 4 values, row-major.
+    let windows = x
+        .reshape((b, c, h2, 2, w2, 2))?
+        .permute((0, 1, 2, 4, 3, 5))?
+        .reshape((b, c, h2, w2, 4))?;
+    // One-hot of the first maximum: a constant (no gradient), so the product's gradient flows
+    // to that one element only.
+    let first_max = windows.argmax_keepdim(4)?;
+    let slots = Tensor::arange(0u32, 4, x.device())?.reshape((1, 1, 1, 1, 4))?;
+    let one_hot = first_max.broadcast_eq(&slots)?.to_dtype(x.dtype())?;
+    Ok((windows * one_hot)?.sum(4)?)
+}
+
+/// Conv2d(3x3, padding 1) + BatchNorm2d + ReLU + MaxPool(2x2).
+struct Block {
+    /// `[out, in, 3, 3]`.
+    conv_weight: Var,
+    /// `[out]`.
+    conv_bias: Var,
+    /// BN scale (gamma) and shift (beta), `[out]`.
+    bn_weight: Var,
+    bn_bias: Var,
+    /// Not trained: updated in training mode, used in evaluation mode.
+    running_mean: Var,
+    running_var: Var,
+}
+
+impl Block {
+    /// PyTorch's defaults: conv weight then bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
+    /// fan_in = in * 9; gamma 1, beta 0, running mean 0, running variance 1.
+    fn new(
+        inputs: usize,
+        outputs: usize,
+        rng: &mut Rng,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let fan_in = inputs * 9;
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let w = uniform(rng, outputs * fan_in, bound);
+        let b = uniform(rng, outputs, bound);
+        let var = |t: Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(dtype)?)?) };
+        Ok(Self {
+            conv_weight: var(Tensor::from_vec(w, (outputs, inputs, 3, 3), dev)?)?,
+            conv_bias: var(Tensor::from_vec(b, outputs, dev)?)?,
+            bn_weight: var(Tensor::ones(outputs, dtype, dev)?)?,
+            bn_bias: var(Tensor::zeros(outputs, dtype, dev)?)?,
+            running_mean: var(Tensor::zeros(outputs, dtype, dev)?)?,
+            running_var: var(Tensor::ones(outputs, dtype, dev)?)?,
+        })
+    }
+
+    /// `[b, in, h, w]` -> `[b, out, h / 2, w / 2]`.
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = self.conv_bias.dim(0)?;
+        let y = x
+            .conv2d(&self.conv_weight, 1, 1, 1, 1)?
+            .broadcast_add(&self.conv_bias.reshape((1, c, 1, 1))?)?;
+        let y = self.norm(&y, train)?.relu()?;
+        max_pool2x2(&y)
+    }
+
+    /// BatchNorm2d on `[b, c, h, w]`. Training mode normalises with the batch's mean and biased
+    /// variance over (b, h, w) and moves the running estimates towards the batch's mean and
+    /// unbiased variance by `BN_MOMENTUM`; evaluation mode normalises with the running
+    /// estimates and changes nothing.
+    fn norm(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (mean, var) = if train {
+            let mean = x.mean_keepdim((0, 2, 3))?;
+            let centred = x.broadcast_sub(&mean)?;
+            let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+            let n = (b * h * w) as f64;
+            let unbiased = if n > 1.0 {
+                (var.detach() * (n / (n - 1.0)))?
+            } else {
+                var.detach()
+            };
+            let m = BN_MOMENTUM;
+            let rm = ((self.running_mean.as_tensor() * (1.0 - m))?
+                + (mean.detach().flatten_all()? * m)?)?;
+            let rv =
+                ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased.flatten_all()? * m)?)?;
+            self.running_mean.set(&rm)?;
+            self.running_var.set(&rv)?;
+            (mean, var)
+        } else {
+            (
+                self.running_mean.reshape((1, c, 1, 1))?,
+                self.running_var.reshape((1, c, 1, 1))?,
+            )
+        };
+        let xhat = x
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
+        Ok(xhat
+            .broadcast_mul(&self.bn_weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&self.bn_bias.reshape((1, c, 1, 1))?)?)
+    }
+}
+
+/// The baseline CNN with its training images.
+pub struct Cnn {
+    channels: Vec<usize>,
+    input_size: usize,
+    classes: usize,
+    blocks: Vec<Block>,
+    /// `[classes, c_last * (s / 2^depth)^2]`.
+    fc_weight: Var,
+    fc_bias: Var,
+    /// `[n, 3, s, s]`, the dtype and device of every parameter.
+    images: Tensor,
+    labels: Vec<usize>,
+}
+
+impl Cnn {
+    /// A new model over `images` (`[n, 3, input_size, input_size]`, any float dtype; the
+    /// parameters take its dtype and device) and their `labels`. `channels` are the output
+    /// channels of each block; `input_size` must be divisible by `2^channels.len()`. The
+    /// parameters are drawn from `rng` block by block (conv weight, conv bias), then the linear
+    /// layer (weight, bias), like PyTorch's defaults.
+    pub fn new(
+        channels: &[usize],
+        input_size: usize,
+        classes: usize,
+        images: Tensor,
+        labels: Vec<usize>,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        let depth = channels.len();
+        if depth == 0 || channels.contains(&0) || classes == 0 {
+            return Err(Error::Training(format!(
+                "a CNN needs 1+ blocks of 1+ channels and 1+ classes (channels {channels:?}, \
+                 classes {classes})"
+            )));
+        }
+        let pools = 1usize << depth.min(usize::BITS as usize - 1);
+        let side = input_size / pools;
+        if side == 0 || side * pools != input_size {
+            return Err(Error::Training(format!(
+                "input size {input_size} is not divisible by {pools} (one 2x2 pool per block)"
+            )));
+        }
+        let (dtype, dev) = (images.dtype(), images.device().clone());
+        let mut blocks = Vec::with_capacity(depth);
+        let mut inputs = 3;
+        for &outputs in channels {
+            blocks.push(Block::new(inputs, outputs, rng, dtype, &dev)?);
+            inputs = outputs;
+        }
+        let fan_in = inputs * side * side;
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let w = Tensor::from_vec(
+            uniform(rng, classes * fan_in, bound),
+            (classes, fan_in),
+            &dev,
+        )?;
+        let b = Tensor::from_vec(uniform(rng, classes, bound), classes, &dev)?;
+        let cnn = Self {
+            channels: channels.to_vec(),
+            input_size,
+            classes,
+            blocks,
+            fc_weight: Var::from_tensor(&w.to_dtype(dtype)?)?,
+            fc_bias: Var::from_tensor(&b.to_dtype(dtype)?)?,
+            images: Tensor::zeros((0, 3, input_size, input_size), dtype, &dev)?,
+            labels: Vec::new(),
+        };
+        cnn.with_data(images, labels)
+    }
+
+    /// The model with other training images and labels (converted to its dtype and device).
+    pub fn with_data(mut self, images: Tensor, labels: Vec<usize>) -> Result<Self> {
+        let s = self.input_size;
+        let dims = images.dims().to_vec();
+        if dims.len() != 4 || dims[1..] != [3, s, s] || dims[0] != labels.len() {
+            return Err(Error::Training(format!(
+                "images {dims:?} with {} labels for a CNN over [n, 3, {s}, {s}]",
+                labels.len()
+            )));
+        }
+        if let Some((row, l)) = labels.iter().enumerate().find(|(_, &l)| l >= self.classes) {
+            return Err(Error::Training(format!(
+                "row {row} has label {l}, but the model has {} classes",
+                self.classes
+            )));
+        }
+        let p = self.fc_weight.as_tensor();
+        self.images = images.to_dtype(p.dtype())?.to_device(p.device())?;
+        self.labels = labels;
+        Ok(self)
+    }
+
+    pub fn channels(&self) -> &[usize] {
+        &self.channels
+    }
+
+    pub fn input_size(&self) -> usize {
+        self.input_size
+    }
+
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// `[b, 3, s, s]` -> logits `[b, classes]`.
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = x.clone();
+        for block in &self.blocks {
+            x = block.forward(&x, train)?;
+        }
+        // Flattened in C, H, W order, as PyTorch's `flatten(1)`.
+        let x = x.flatten_from(1)?;
+        Ok(x.matmul(&self.fc_weight.as_tensor().t()?)?
+            .broadcast_add(self.fc_bias.as_tensor())?)
+    }
+
+    /// Evaluation-mode logits `[b, classes]` of new images `[b, 3, s, s]` (pixels / 255, as
+    /// [`load_images`] gives; converted to the model's dtype and device).
+    pub fn logits_for(&self, images: &Tensor) -> Result<Tensor> {
+        let p = self.fc_weight.as_tensor();
+        self.forward(&images.to_dtype(p.dtype())?.to_device(p.device())?, false)
+    }
+
+    /// Writes the model (parameters and running statistics as f32, shape as metadata) to a
+    /// safetensors file, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let meta: HashMap<String, String> = [
+            (
+                "channels",
+                serde_json::to_string(&self.channels).unwrap_or_default(),
+            ),
+            ("input_size", self.input_size.to_string()),
+            ("classes", self.classes.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        save_state(self, path, meta)
+    }
+
+    /// A model saved by [`Cnn::save`], in f32 on `device`, without training data.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let saved = SavedState::open(path)?;
+        let channels: Vec<usize> = saved.field("channels")?;
+        let input_size: usize = saved.field("input_size")?;
+        let classes: usize = saved.field("classes")?;
+        let images = Tensor::zeros((0, 3, input_size, input_size), DType::F32, device)?;
+        // The random values are overwritten by the file's.
+        let cnn = Self::new(
+            &channels,
+            input_size,
+            classes,
+            images,
+            Vec::new(),
+            &mut Rng::new(0),
+        )?;
+        saved.load_into(&cnn)?;
+        Ok(cnn)
+    }
+}
+
+impl Trainable for Cnn {
+    fn vars(&self) -> Vec<Var> {
+        let mut v: Vec<Var> = self
+            .blocks
+            .iter()
+            .flat_map(|b| {
+                [
+                    b.conv_weight.clone(),
+                    b.conv_bias.clone(),
+                    b.bn_weight.clone(),
+                    b.bn_bias.clone(),
+                ]
+            })
+            .collect();
+        v.extend([self.fc_weight.clone(), self.fc_bias.clone()]);
+        v
+    }
+
+    fn state(&self) -> Vec<(String, Var)> {
+        let mut s = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            for (name, var) in [
+                ("conv.weight", &b.conv_weight),
+                ("conv.bias", &b.conv_bias),
+                ("bn.weight", &b.bn_weight),
+                ("bn.bias", &b.bn_bias),
+                ("bn.running_mean", &b.running_mean),
+                ("bn.running_var", &b.running_var),
+            ] {
+                s.push((format!("block{i}.{name}"), var.clone()));
+            }
+        }
+        s.push(("fc.weight".into(), self.fc_weight.clone()));
+        s.push(("fc.bias".into(), self.fc_bias.clone()));
+        s
+    }
+
+    fn train_logits(&mut self, rows: &[usize]) -> Result<Tensor> {
+        self.forward(&select_rows(&self.images, rows)?, true)
+    }
+
+    fn eval_logits(&self, rows: &[usize]) -> Result<Tensor> {
+        self.forward(&select_rows(&self.images, rows)?, false)
+    }
+
+    fn labels(&self) -> &[usize] {
+        &self.labels
+    }
+
+    fn device(&self) -> &Device {
+        self.images.device()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Schedule;
+    use crate::train::{fit, TrainOptions};
+
+    fn random_images(n: usize, s: usize, dtype: DType, seed: u64) -> Tensor {
+        let mut rng = Rng::new(seed);
+        let v: Vec<f32> = (0..n * 3 * s * s).map(|_| rng.uniform_f32()).collect();
+        Tensor::from_vec(v, (n, 3, s, s), &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .expect("images")
+    }
+
+    fn grad_of_sum(x: &Tensor) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let var = Var::from_tensor(x).expect("var");
+        let y = max_pool2x2(&var).expect("pool");
+        let grads = y.sum_all().and_then(|s| s.backward()).expect("backward");
+        let g = grads.get(&var).expect("grad");
+        (
+            y.squeeze(0)
+                .and_then(|t| t.squeeze(0))
+                .and_then(|t| t.to_vec2())
+                .expect("y"),
+            g.squeeze(0)
+                .and_then(|t| t.squeeze(0))
+                .and_then(|t| t.to_vec2())
+                .expect("g"),
+        )
+    }
+
+    #[test]
+    fn max_pool_gradient_is_one_at_each_maximum() {
+        // 4x4, distinct values; maxima at (0,1), (1,3), (3,0), (2,2).
+        #[rustfmt::skip]
+        let x = [
+            1.0, 9.0, 2.0, 3.0,
+            4.0, 5.0, 6.0, 8.0,
+            0.5, 7.0, 9.5, 1.5,
+            7.5, 2.5, 3.5, 4.5f32,
+        ];
+        let x = Tensor::from_vec(x.to_vec(), (1, 1, 4, 4), &Device::Cpu).expect("x");
+        let (y, g) = grad_of_sum(&x);
+        assert_eq!(y, [[9.0, 8.0], [7.5, 9.5]]);
+        #[rustfmt::skip]
+        let want = [
+            [0.0, 1.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+            [0.0, 0.0, 1.0, 0.0],
+            [1.0, 0.0, 0.0, 0.0],
+        ];
+        assert_eq!(g, want);
+    }
+
+    #[test]
+    fn max_pool_drops_the_last_row_and_column_of_odd_sizes() {
+        // 5x5 with the largest values in the dropped last row and column.
+        let v: Vec<f32> = (0..25)
+            .map(|i| {
+                if i % 5 == 4 || i / 5 == 4 {
+                    100.0 + i as f32
+                } else {
+                    i as f32
+                }
+            })
+            .collect();
+        let x = Tensor::from_vec(v, (1, 1, 5, 5), &Device::Cpu).expect("x");
+        let (y, g) = grad_of_sum(&x);
+        // Windows of the top-left 4x4; each maximum is its bottom-right element.
+        assert_eq!(y, [[6.0, 8.0], [16.0, 18.0]]);
+        let mut want = vec![vec![0.0f32; 5]; 5];
+        for (r, c) in [(1, 1), (1, 3), (3, 1), (3, 3)] {
+            want[r][c] = 1.0;
+        }
+        assert_eq!(g, want);
+    }
+
+    #[test]
+    fn max_pool_gives_a_tie_one_gradient() {
+        let x = Tensor::from_vec(
+            vec![3.0f32, 3.0, 0.0, 2.0, 1.0, 3.0, 2.0, 2.0],
+            (1, 1, 2, 4),
+            &Device::Cpu,
+        )
+        .expect("x");
+        let (y, g) = grad_of_sum(&x);
+        assert_eq!(y, [[3.0, 2.0]]);
+        // The first maximum in row-major order of each window, as PyTorch.
+        // Left window 3, 3 / 1, 3: the top-left 3. Right window 0, 2 / 2, 2: the top-right 2.
+        assert_eq!(g, [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]);
+    }
+
+    /// Loss of the model's training-mode logits on `rows`, in f64.
+    fn loss(cnn: &mut Cnn, rows: &[usize]) -> Tensor {
+        let logits = cnn.train_logits(rows).expect("logits");
+        let y: Vec<u32> = rows.iter().map(|&r| cnn.labels[r] as u32).collect();
+        let y = Tensor::from_vec(y, rows.len(), &Device::Cpu).expect("labels");
+        candle_nn::loss::cross_entropy(&logits, &y).expect("loss")
+    }
+
+    #[test]
+    fn whole_model_gradient_matches_finite_differences() {
+        let images = random_images(3, 8, DType::F64, 21);
+        let mut cnn =
+            Cnn::new(&[2, 3], 8, 2, images, vec![0, 1, 1], &mut Rng::new(22)).expect("cnn");
+        // Non-trivial BN affine parameters, so their gradients are exercised away from 1/0.
+        let mut rng = Rng::new(23);
+        for b in &cnn.blocks {
+            for v in [&b.bn_weight, &b.bn_bias] {
+                let n = v.elem_count();
+                let vals: Vec<f64> = (0..n).map(|_| 0.5 + rng.uniform_f32() as f64).collect();
+                v.set(&Tensor::from_vec(vals, n, &Device::Cpu).expect("t"))
+                    .expect("set");
+            }
+        }
+        let rows = [0, 1, 2];
+        let grads = loss(&mut cnn, &rows).backward().expect("backward");
+        let h = 1e-6;
+        let mut checked = 0;
+        for (name, var) in cnn.state() {
+            if name.contains("running") {
+                continue;
+            }
+            let analytic = grads
+                .get(&var)
+                .expect("every parameter has a gradient")
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f64>())
+                .expect("grad");
+            let base = var
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f64>())
+                .expect("values");
+            for i in 0..base.len() {
+                let mut at = |delta: f64| {
+                    let mut v = base.clone();
+                    v[i] += delta;
+                    let t = Tensor::from_vec(v, var.shape(), &Device::Cpu).expect("t");
+                    var.set(&t).expect("set");
+                    loss(&mut cnn, &rows).to_scalar::<f64>().expect("loss")
+                };
+                let numeric = (at(h) - at(-h)) / (2.0 * h);
+                let a = analytic[i];
+                let tol = 1e-7 + 1e-6 * a.abs().max(numeric.abs());
+                assert!(
+                    (a - numeric).abs() <= tol,
+                    "{name}[{i}]: analytic {a}, numeric {numeric}"
+                );
+                checked += 1;
+            }
+            var.set(&Tensor::from_vec(base, var.shape(), &Device::Cpu).expect("t"))
+                .expect("reset");
+        }
+        // conv 2*3*9+2 + 3*2*9+3, bn 2*2 + 2*3, fc 2*12+2.
+        assert_eq!(checked, 56 + 57 + 4 + 6 + 26);
+    }
+
+    #[test]
+    fn batch_norm_train_and_eval_modes() {
+        let images = random_images(4, 4, DType::F64, 1);
+        let cnn = Cnn::new(
+            &[3],
+            4,
+            2,
+            images.clone(),
+            vec![0, 1, 0, 1],
+            &mut Rng::new(2),
+        )
+        .expect("cnn");
+        let block = &cnn.blocks[0];
+        let c = block.conv_weight.as_tensor().clone();
+        let conv = images
+            .conv2d(&c, 1, 1, 1, 1)
+            .and_then(|y| y.broadcast_add(&block.conv_bias.reshape((1, 3, 1, 1))?))
+            .expect("conv");
+        let mean = conv.mean_keepdim((0, 2, 3)).expect("mean");
+        let biased = conv
+            .broadcast_sub(&mean)
+            .and_then(|d| d.sqr()?.mean_keepdim((0, 2, 3)))
+            .expect("var");
+        let vec = |t: &Tensor| {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f64>())
+                .expect("vec")
+        };
+
+        // Training mode: batch statistics; output has mean 0, biased variance ~1 per channel.
+        let out = block.norm(&conv, true).expect("train");
+        let out_mean = vec(&out.mean_keepdim((0, 2, 3)).expect("m"));
+        assert!(out_mean.iter().all(|m| m.abs() < 1e-12), "{out_mean:?}");
+        // Running statistics moved 10% towards the batch's mean and unbiased variance (n = 64).
+        let n = 4.0 * 16.0;
+        let rm = vec(&block.running_mean);
+        let rv = vec(&block.running_var);
+        for ch in 0..3 {
+            assert!((rm[ch] - 0.1 * vec(&mean)[ch]).abs() < 1e-12);
+            let unbiased = vec(&biased)[ch] * n / (n - 1.0);
+            assert!((rv[ch] - (0.9 + 0.1 * unbiased)).abs() < 1e-12);
+        }
+
+        // Evaluation mode: running statistics, no update, deterministic.
+        let e1 = vec(&block.norm(&conv, false).expect("eval"));
+        assert_eq!(vec(&block.running_mean), rm);
+        let by_hand = vec(&conv
+            .broadcast_sub(&block.running_mean.reshape((1, 3, 1, 1)).expect("r"))
+            .and_then(|d| {
+                d.broadcast_div(&(block.running_var.reshape((1, 3, 1, 1))? + 1e-5)?.sqrt()?)
+            })
+            .expect("by hand"));
+        for (a, b) in e1.iter().zip(&by_hand) {
+            assert!((a - b).abs() < 1e-12);
+        }
+        // With the running statistics equal to the batch's (biased) ones, both modes agree.
+        block
+            .running_mean
+            .set(&mean.flatten_all().expect("m"))
+            .expect("set");
+        block
+            .running_var
+            .set(&biased.flatten_all().expect("v"))
+            .expect("set");
+        let e2 = vec(&block.norm(&conv, false).expect("eval"));
+        let t2 = vec(&block.norm(&conv, true).expect("train"));
+        for (a, b) in e2.iter().zip(&t2) {
+            assert!((a - b).abs() < 1e-10);
+        }
+    }
+
+    fn opts() -> TrainOptions {
+        TrainOptions {
+            epochs: 2,
+            batch_size: 4,
+            lr: 0.01,
+            schedule: Schedule::Constant,
+            step_size: 1,
+            gamma: 1.0,
+            early_stopping: None,
+            seed: 9,
+        }
+    }
+
+    #[test]
+    fn same_seed_gives_bit_identical_training() {
+        let run = || {
+            let images = random_images(12, 16, DType::F32, 4);
+            let labels = (0..12).map(|i| i % 2).collect();
+            let mut cnn = Cnn::new(&[4, 4], 16, 2, images, labels, &mut Rng::new(13)).expect("cnn");
+            let rows: Vec<usize> = (0..12).collect();
+            let h = fit(&mut cnn, &rows[..9], &rows[9..], &opts(), |_| {}).expect("fit");
+            h.epochs
+                .iter()
+                .flat_map(|e| [e.train_loss.to_bits(), e.val_loss.to_bits()])
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn save_and_load_keep_running_statistics() {
+        let images = random_images(8, 8, DType::F32, 5);
+        let labels = (0..8).map(|i| i % 2).collect();
+        let mut cnn =
+            Cnn::new(&[2, 2], 8, 2, images.clone(), labels, &mut Rng::new(6)).expect("cnn");
+        let rows: Vec<usize> = (0..8).collect();
+        fit(&mut cnn, &rows[..6], &rows[6..], &opts(), |_| {}).expect("fit");
+        let dir = std::env::temp_dir().join(format!("pipeline-cnn-{}", std::process::id()));
+        let path = dir.join("cnn.safetensors");
+        cnn.save(&path).expect("save");
+        let loaded = Cnn::load(&path, &Device::Cpu).expect("load");
+        assert_eq!(
+            (loaded.channels(), loaded.input_size(), loaded.classes()),
+            (&[2, 2][..], 8, 2)
+        );
+        let rm = |c: &Cnn| c.blocks[1].running_mean.to_vec1::<f32>().expect("rm");
+        assert_eq!(rm(&loaded), rm(&cnn));
+        assert_ne!(
+            rm(&loaded),
+            vec![0.0; 2],
+            "trained statistics, not the initial ones"
+        );
+        let a = cnn
+            .logits_for(&images)
+            .and_then(|t| Ok(t.to_vec2::<f32>()?))
+            .expect("a");
+        let b = loaded
+            .logits_for(&images)
+            .and_then(|t| Ok(t.to_vec2::<f32>()?))
+            .expect("b");
+        assert_eq!(a, b);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn shapes_and_bad_inputs() {
+        let images = random_images(2, 8, DType::F32, 1);
+        let mut cnn =
+            Cnn::new(&[4, 4], 8, 3, images.clone(), vec![0, 2], &mut Rng::new(1)).expect("cnn");
+        assert_eq!(cnn.train_logits(&[0, 1]).expect("logits").dims(), [2, 3]);
+        assert_eq!(cnn.fc_weight.dims(), [3, 4 * 2 * 2]);
+        assert!(Cnn::new(&[4, 4], 6, 3, images.clone(), vec![0, 2], &mut Rng::new(1)).is_err());
+        assert!(Cnn::new(&[4], 8, 3, images.clone(), vec![0, 3], &mut Rng::new(1)).is_err());
+        assert!(Cnn::new(&[], 8, 3, images.clone(), vec![0, 1], &mut Rng::new(1)).is_err());
+        assert!(Cnn::new(&[4], 16, 3, images, vec![0, 1], &mut Rng::new(1)).is_err());
+    }
+
+    #[test]
+    fn load_images_names_the_bad_file() {
+        let dir = std::env::temp_dir().join(format!("pipeline-cnn-img-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let good = dir.join("a.png");
+        image::RgbImage::from_pixel(5, 3, image::Rgb([255, 0, 51]))
+            .save(&good)
+            .expect("png");
+        let bad = dir.join("b.png");
+        std::fs::write(&bad, b"not an image").expect("write");
+        let t = load_images(&[good.as_path()], 4).expect("load");
+        assert_eq!(t.dims(), [1, 3, 4, 4]);
+        let px = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("px");
+        assert_eq!((px[0], px[16]), (1.0, 0.0));
+        assert!((px[32] - 0.2).abs() < 1e-6, "{}", px[32]);
+        let err = load_images(&[good.as_path(), bad.as_path()], 4).expect_err("bad");
+        assert!(err.to_string().contains("b.png"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
