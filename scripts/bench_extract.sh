@@ -58,6 +58,8 @@ echo "cpu:     $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) cores), flags: 
 echo "threads: $THREADS; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 [ "$WITH_TORCH" = 1 ] && echo "torch:   $($PY -c 'import torch; print(torch.__version__, torch.backends.cpu.get_cpu_capability())')"
 
+NATIVE_BF16=0
+grep -qw -E 'avx512_bf16|amx_bf16' /proc/cpuinfo && NATIVE_BF16=1
 echo "== FMA ceiling"
 "$BIN" peak --secs 2 | tee "$TMP/peak"
 PEAK=$(sed -n 's/.*peak=fma.*gflops=\([0-9.]*\).*/\1/p' "$TMP/peak")
@@ -82,6 +84,12 @@ for b in $BATCHES; do
     run fastconv-bf16 "$BIN" extract --batch "$b" --size "$SIZE" --reps "$reps" --precision bf16 "${WEIGHT_ARGS[@]}"
     if [ "$WITH_TORCH" = 1 ]; then
         for mode in plain channels_last bf16; do
+            # Without native bf16 (AVX512_BF16 / AMX) PyTorch emulates it at ~7 s per image;
+            # batch 1 shows that, larger batches would take many minutes each.
+            if [ "$mode" = bf16 ] && [ "$b" != 1 ] && [ "$NATIVE_BF16" = 0 ]; then
+                echo "   pytorch-bf16: skipped at batch $b (no native bf16 on this CPU; see batch 1)"
+                continue
+            fi
             run "pytorch-$mode" "$PY" scripts/bench_torch.py --mode "$mode" --batch "$b" --size "$SIZE" --reps "$reps" --threads "$THREADS"
         done
     fi

@@ -24,7 +24,9 @@ fn extract_err(c: &Config) -> String {
 }
 
 fn features(c: &Config) -> (Vec<Vec<f32>>, Vec<usize>, Vec<usize>) {
-    let set = FeatureStore::new(&c.extract.out).load().expect("cache loads");
+    let set = FeatureStore::new(&c.extract.out)
+        .load()
+        .expect("cache loads");
     (set.features.to_vec2().expect("f32"), set.labels, set.rows)
 }
 
@@ -33,14 +35,22 @@ fn parity_with_reference_vgg16_pool5() {
     let Some(shared) = testkit::shared_dir("parity_with_reference_vgg16_pool5") else {
         return;
     };
-    let weights =
-        Weights::open(shared.join("weights/vgg16-oxford-imagenet-features.safetensors")).expect("weights");
+    let weights = Weights::open(shared.join("weights/vgg16-oxford-imagenet-features.safetensors"))
+        .expect("weights");
     let model = Vgg16Features::load(&weights, &Device::Cpu, candle_core::DType::F32).expect("load");
     for image in ["chelsea", "coffee"] {
-        let (shape, input) = testkit::read_npy_f32(&shared.join(format!("reference/{image}_vgg16_input.npy")));
-        let (_, expected) = testkit::read_npy_f32(&shared.join(format!("reference/{image}_vgg16_pool5.npy")));
+        let (shape, input) =
+            testkit::read_npy_f32(&shared.join(format!("reference/{image}_vgg16_input.npy")));
+        let (_, expected) =
+            testkit::read_npy_f32(&shared.join(format!("reference/{image}_vgg16_pool5.npy")));
         let x = Tensor::from_vec(input, shape, &Device::Cpu).expect("input");
-        let got: Vec<f32> = model.forward(&x).expect("forward").flatten_all().expect("flat").to_vec1().expect("vec");
+        let got: Vec<f32> = model
+            .forward(&x)
+            .expect("forward")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec");
         let err = testkit::max_relative_error(&got, &expected);
         eprintln!("{image}: max relative error {err:.2e}");
         assert!(err <= 1e-5, "{image}: max relative error {err:e} > 1e-5");
@@ -60,7 +70,10 @@ fn extracts_a_subset_of_the_real_study_data() {
     c.data.image_column = "image_names".into();
     c.data.label_column = "emergency_or_not".into();
     c.data.limit = Some(5);
-    c.backbone.weights = shared.join("weights/vgg16-oxford-imagenet-features.safetensors").display().to_string();
+    c.backbone.weights = shared
+        .join("weights/vgg16-oxford-imagenet-features.safetensors")
+        .display()
+        .to_string();
     c.extract.batch_size = 3;
     c.extract.device = "cpu".into();
     c.extract.out = dir.join("features");
@@ -79,7 +92,10 @@ fn extracts_a_subset_of_the_real_study_data() {
             (n.to_string(), y.trim().parse().expect("int label"))
         })
         .collect();
-    assert_eq!(set.ids, rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>());
+    assert_eq!(
+        set.ids,
+        rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>()
+    );
     assert_eq!(set.labels, rows.iter().map(|r| r.1).collect::<Vec<_>>());
     let m = &set.manifest;
     assert!(m.complete);
@@ -92,9 +108,15 @@ fn extracts_a_subset_of_the_real_study_data() {
     assert_eq!(m.key.preprocessing.mean, [123.68, 116.779, 103.939]);
     assert_eq!(m.key.preprocessing.input_scale, 255.0);
     // Features are post-ReLU max-pools: non-negative, and not all zero.
-    let v: Vec<f32> = set.features.flatten_all().expect("flat").to_vec1().expect("vec");
+    let v: Vec<f32> = set
+        .features
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec");
     assert!(v.iter().all(|x| *x >= 0.0) && v.iter().any(|x| *x > 0.0));
-    let manifest_json = std::fs::read_to_string(c.extract.out.join("manifest.json")).expect("manifest");
+    let manifest_json =
+        std::fs::read_to_string(c.extract.out.join("manifest.json")).expect("manifest");
     assert!(manifest_json.contains("dataset_fingerprint"));
 }
 
@@ -105,7 +127,11 @@ fn rerun_with_same_inputs_reuses_the_cache() {
     assert_eq!((first.images, first.computed), (5, 5));
     let before = features(&c);
     let second = extract(&c);
-    assert_eq!((second.images, second.computed), (5, 0), "second run must reuse");
+    assert_eq!(
+        (second.images, second.computed),
+        (5, 0),
+        "second run must reuse"
+    );
     assert_eq!(features(&c), before);
     // String labels map to sorted class indices: ambulance = 0, car = 1.
     assert_eq!(before.1, vec![0, 1, 1, 0, 1]);
@@ -137,7 +163,9 @@ fn changed_image_weights_or_preprocessing_invalidate_the_cache() {
     assert_eq!(extract(&c).computed, 4);
     // A changed label changes the dataset too.
     let csv = dir.join("labels.csv");
-    let text = std::fs::read_to_string(&csv).expect("csv").replace("img001.png,car", "img001.png,ambulance");
+    let text = std::fs::read_to_string(&csv)
+        .expect("csv")
+        .replace("img001.png,car", "img001.png,ambulance");
     std::fs::write(&csv, text).expect("csv");
     assert_eq!(extract(&c).computed, 4);
     assert_eq!(features(&c).1, vec![0, 0, 1, 0]);
@@ -155,13 +183,25 @@ fn interrupted_run_resumes_without_missing_or_duplicated_rows() {
     m.complete = false;
     store.write_manifest(&m).expect("write");
     std::fs::remove_file(store.shard_path(1)).expect("rm shard");
-    std::fs::write(c.extract.out.join("shard-00001.safetensors.tmp"), b"partial").expect("tmp");
+    std::fs::write(
+        c.extract.out.join("shard-00001.safetensors.tmp"),
+        b"partial",
+    )
+    .expect("tmp");
     std::fs::write(store.shard_path(3), b"garbage").expect("corrupt");
     assert!(store.load().is_err(), "an incomplete cache must not load");
     let resumed = extract(&c);
-    assert_eq!(resumed.computed, 2 + 1, "only shard 1 (2 rows) and shard 3 (1 row) are redone");
+    assert_eq!(
+        resumed.computed,
+        2 + 1,
+        "only shard 1 (2 rows) and shard 3 (1 row) are redone"
+    );
     let after = features(&c);
-    assert_eq!(after.2, (0..7).collect::<Vec<_>>(), "every row exactly once, in order");
+    assert_eq!(
+        after.2,
+        (0..7).collect::<Vec<_>>(),
+        "every row exactly once, in order"
+    );
     assert_eq!(after, complete);
     assert!(!c.extract.out.join("shard-00001.safetensors.tmp").exists());
 }
@@ -196,7 +236,10 @@ fn missing_image_is_an_error_naming_file_and_line() {
     let (dir, c) = fixture("missing", 3);
     std::fs::remove_file(dir.join("images/img001.png")).expect("rm");
     let err = extract_err(&c);
-    assert!(err.contains("img001.png") && err.contains("line 3"), "{err}");
+    assert!(
+        err.contains("img001.png") && err.contains("line 3"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -204,7 +247,10 @@ fn undecodable_image_errors_or_is_skipped_and_listed() {
     let (dir, mut c) = fixture("undecodable", 5);
     std::fs::write(dir.join("images/img003.png"), b"this is not a png").expect("write");
     let err = extract_err(&c);
-    assert!(err.contains("img003.png") && err.contains("line 5"), "{err}");
+    assert!(
+        err.contains("img003.png") && err.contains("line 5"),
+        "{err}"
+    );
     c.data.on_bad_image = OnBadImage::Skip;
     let s = extract(&c);
     assert_eq!((s.images, s.skipped), (4, 1));
@@ -223,7 +269,10 @@ fn csv_without_the_named_column_is_an_error() {
     let (_dir, mut c) = fixture("column", 2);
     c.data.label_column = "emergency_or_not".into();
     let err = extract_err(&c);
-    assert!(err.contains("emergency_or_not") && err.contains("labels.csv"), "{err}");
+    assert!(
+        err.contains("emergency_or_not") && err.contains("labels.csv"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -245,19 +294,31 @@ fn label_outside_the_known_classes_is_an_error() {
 #[test]
 fn image_path_escaping_the_images_directory_is_an_error() {
     let (dir, c) = fixture("escape", 2);
-    std::fs::write(dir.join("labels.csv"), "file,class\nimg000.png,car\n../labels.csv,car\n").expect("csv");
+    std::fs::write(
+        dir.join("labels.csv"),
+        "file,class\nimg000.png,car\n../labels.csv,car\n",
+    )
+    .expect("csv");
     let err = extract_err(&c);
-    assert!(err.contains("../labels.csv") && err.contains("escapes") && err.contains("line 3"), "{err}");
+    assert!(
+        err.contains("../labels.csv") && err.contains("escapes") && err.contains("line 3"),
+        "{err}"
+    );
 }
 
 #[test]
 fn weights_of_the_wrong_shape_are_an_error_naming_the_tensor() {
     let (dir, mut c) = fixture("bad-weights", 2);
     let path = dir.join("bad.safetensors");
-    testkit::write_vgg_weights(&path, |name, _| (name == "features.7.weight").then(|| vec![128, 64, 3, 3]));
+    testkit::write_vgg_weights(&path, |name, _| {
+        (name == "features.7.weight").then(|| vec![128, 64, 3, 3])
+    });
     c.backbone.weights = path.display().to_string();
     let err = extract_err(&c);
-    assert!(err.contains("features.7.weight") && err.contains("[128, 64, 3, 3]"), "{err}");
+    assert!(
+        err.contains("features.7.weight") && err.contains("[128, 64, 3, 3]"),
+        "{err}"
+    );
     std::fs::write(&path, b"not safetensors").expect("write");
     let err = extract_err(&c);
     assert!(err.contains("bad.safetensors"), "{err}");
@@ -276,7 +337,11 @@ fn unusual_colour_types_decode_to_rgb() {
     };
     // cmyk.jpg is pure red (C=0, M=Y=255, K=0), written by Pillow.
     let red = p.load(&fixtures.join("cmyk.jpg")).expect("cmyk decodes");
-    assert!(red[0] > 200.0 && red[16] < 50.0 && red[32] < 50.0, "{:?}", &red[..4]);
+    assert!(
+        red[0] > 200.0 && red[16] < 50.0 && red[32] < 50.0,
+        "{:?}",
+        &red[..4]
+    );
     for f in ["gray_alpha.png", "palette.png", "gray16.png"] {
         assert_eq!(p.load(&fixtures.join(f)).expect(f).len(), 48, "{f}");
     }

@@ -36,12 +36,30 @@ fn head_and_cnn_runs_write_everything_and_the_report_compares_them() {
     let (_dir, c) = trained_setup("study-e2e", 16);
     let cnn = train_cnn(&c).expect("train-cnn");
     let head = train_head(&c).expect("train-head");
-    for (run, weights, model) in [(&cnn.dir, "cnn.safetensors", "cnn"), (&head.dir, "head.safetensors", "head")] {
-        for f in ["config.toml", "metrics.json", weights, "loss.png", "accuracy.png", "confusion_matrix.png", "report.md"] {
+    for (run, weights, model) in [
+        (&cnn.dir, "cnn.safetensors", "cnn"),
+        (&head.dir, "head.safetensors", "head"),
+    ] {
+        for f in [
+            "config.toml",
+            "metrics.json",
+            weights,
+            "loss.png",
+            "accuracy.png",
+            "confusion_matrix.png",
+            "report.md",
+        ] {
             assert!(run.join(f).is_file(), "{} lacks {f}", run.display());
         }
         let (m, json) = metrics(run);
-        for key in ["model", "train_accuracy", "val_accuracy", "history", "confusion_matrix", "classes"] {
+        for key in [
+            "model",
+            "train_accuracy",
+            "val_accuracy",
+            "history",
+            "confusion_matrix",
+            "classes",
+        ] {
             assert!(json.get(key).is_some(), "metrics.json lacks `{key}`");
         }
         assert_eq!(json["model"], model);
@@ -56,9 +74,15 @@ fn head_and_cnn_runs_write_everything_and_the_report_compares_them() {
     assert_eq!(metrics(&head.dir).0.history.len(), 3);
     assert_eq!(metrics(&cnn.dir).0.history.len(), 2);
     // Both models used the very same split.
-    assert_eq!(metrics(&head.dir).0.split.fingerprint, metrics(&cnn.dir).0.split.fingerprint);
+    assert_eq!(
+        metrics(&head.dir).0.split.fingerprint,
+        metrics(&cnn.dir).0.split.fingerprint
+    );
     let report = std::fs::read_to_string(head.dir.join("report.md")).expect("report");
-    assert!(report.contains("CNN baseline") && report.contains("VGG16 + linear head"), "{report}");
+    assert!(
+        report.contains("CNN baseline") && report.contains("VGG16 + linear head"),
+        "{report}"
+    );
     assert!(report.contains("Winner"), "{report}");
     assert!(head.table.contains("CNN baseline"), "{}", head.table);
 }
@@ -68,21 +92,53 @@ fn same_config_and_seed_give_the_same_numbers() {
     let (_dir, c) = trained_setup("study-determinism", 12);
     let a = train_head(&c).expect("first");
     let b = train_head(&c).expect("second");
-    assert_eq!(metrics(&a.dir).0.history.iter().map(|r| r.train_loss).collect::<Vec<_>>(),
-               metrics(&b.dir).0.history.iter().map(|r| r.train_loss).collect::<Vec<_>>());
+    assert_eq!(
+        metrics(&a.dir)
+            .0
+            .history
+            .iter()
+            .map(|r| r.train_loss)
+            .collect::<Vec<_>>(),
+        metrics(&b.dir)
+            .0
+            .history
+            .iter()
+            .map(|r| r.train_loss)
+            .collect::<Vec<_>>()
+    );
     let weights = |d: &std::path::Path| -> Vec<(String, Vec<f32>)> {
-        let mut t: Vec<_> = candle_core::safetensors::load(d.join("head.safetensors"), &candle_core::Device::Cpu)
-            .expect("head weights")
-            .into_iter()
-            .map(|(k, v)| (k, v.flatten_all().expect("flat").to_vec1::<f32>().expect("f32")))
-            .collect();
+        let mut t: Vec<_> =
+            candle_core::safetensors::load(d.join("head.safetensors"), &candle_core::Device::Cpu)
+                .expect("head weights")
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k,
+                        v.flatten_all()
+                            .expect("flat")
+                            .to_vec1::<f32>()
+                            .expect("f32"),
+                    )
+                })
+                .collect();
         t.sort_by(|x, y| x.0.cmp(&y.0));
         t
     };
-    assert_eq!(weights(&a.dir), weights(&b.dir), "identical trained weights");
+    assert_eq!(
+        weights(&a.dir),
+        weights(&b.dir),
+        "identical trained weights"
+    );
     let x = train_cnn(&c).expect("cnn first");
     let y = train_cnn(&c).expect("cnn second");
-    let losses = |d: &std::path::Path| metrics(d).0.history.iter().map(|r| (r.train_loss, r.val_loss)).collect::<Vec<_>>();
+    let losses = |d: &std::path::Path| {
+        metrics(d)
+            .0
+            .history
+            .iter()
+            .map(|r| (r.train_loss, r.val_loss))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(losses(&x.dir), losses(&y.dir));
 }
 
@@ -103,7 +159,10 @@ fn predict_writes_labels_and_probabilities_in_the_training_format() {
     for line in &lines[1..] {
         let cells: Vec<&str> = line.split(',').collect();
         assert!(["ambulance", "car"].contains(&cells[1]), "{line}");
-        let p: f64 = cells[2..].iter().map(|v| v.parse::<f64>().expect("prob")).sum();
+        let p: f64 = cells[2..]
+            .iter()
+            .map(|v| v.parse::<f64>().expect("prob"))
+            .sum();
         assert!((p - 1.0).abs() < 1e-4, "{line}");
     }
     assert!(lines[1].starts_with("img001.png,"));
@@ -124,9 +183,14 @@ fn cache_from_other_inputs_is_refused() {
     let (dir, mut c) = trained_setup("study-stale", 8);
     c.preprocess.mean = Some([1.0, 2.0, 3.0]);
     let err = train_head(&c).err().expect("stale cache").to_string();
-    assert!(err.contains("preprocessing") && err.contains("cargo run -p extract"), "{err}");
+    assert!(
+        err.contains("preprocessing") && err.contains("cargo run -p extract"),
+        "{err}"
+    );
     c.preprocess.mean = None;
-    image::RgbImage::from_pixel(40, 30, image::Rgb([9, 9, 9])).save(dir.join("images/img000.png")).expect("png");
+    image::RgbImage::from_pixel(40, 30, image::Rgb([9, 9, 9]))
+        .save(dir.join("images/img000.png"))
+        .expect("png");
     let err = train_head(&c).err().expect("changed dataset").to_string();
     assert!(err.contains("dataset"), "{err}");
 }
@@ -137,5 +201,8 @@ fn nan_loss_stops_with_a_clear_message() {
     c.head.lr = 1e38;
     c.head.epochs = 5;
     let err = train_head(&c).err().expect("diverges").to_string();
-    assert!(err.to_lowercase().contains("nan") || err.contains("infinite"), "{err}");
+    assert!(
+        err.to_lowercase().contains("nan") || err.contains("infinite"),
+        "{err}"
+    );
 }

@@ -33,4 +33,3 @@ pub fn fixture(test: &str, n: usize) -> (PathBuf, Config) {
     c.validate().expect("valid config");
     (dir, c)
 }
-

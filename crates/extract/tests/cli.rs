@@ -43,7 +43,11 @@ fn unknown_config_key_exits_non_zero_naming_the_key() {
     assert!(stderr(&o).contains("extract.batchsize"), "{}", stderr(&o));
     let o = extract(&["--config", "/nonexistent/pipeline.toml"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("/nonexistent/pipeline.toml"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/pipeline.toml"),
+        "{}",
+        stderr(&o)
+    );
     let o = extract(&["--bogus"]);
     assert!(!o.status.success());
     let o = extract(&["--help"]);
@@ -56,7 +60,10 @@ fn relative_paths_resolve_against_the_config_and_summary_is_printed() {
     let o = extract(&["--config", config.to_str().expect("utf8")]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("3 images") && out.contains("images/s") && out.contains("cpu"), "{out}");
+    assert!(
+        out.contains("3 images") && out.contains("images/s") && out.contains("cpu"),
+        "{out}"
+    );
     assert!(dir.join("features/manifest.json").exists());
     let again = extract(&["--config", config.to_str().expect("utf8")]);
     assert!(stderr(&again).contains("up to date"), "{}", stderr(&again));

@@ -23,12 +23,15 @@
 //! write into the next padded buffer with its zero border columns) runs while it is still hot.
 //! Chunks are independent, which is how one image is spread over threads.
 //!
-//! The GEMMs are the `gemm` crate's (the one candle uses), which picks AVX-512, AVX2+FMA or a
-//! scalar kernel at run time, so nothing here needs `-C target-cpu`.
+//! Where the CPU has AVX2+FMA and `cout % 16 == 0`, [`crate::direct`]'s micro-kernel computes a
+//! chunk's accumulator instead of the three GEMMs (same sums, all in registers). Otherwise the
+//! GEMMs are the `gemm` crate's (the one candle uses), which picks AVX-512, AVX2+FMA or a scalar
+//! kernel at run time, so nothing here needs `-C target-cpu`.
 
 use rayon::prelude::*;
 
 use crate::bf16::round_slice_bf16;
+use crate::direct;
 
 /// Zero rows after the padded image, read by the junk columns of the last output row.
 pub const SLACK_ROWS: usize = 2;
@@ -110,6 +113,8 @@ pub struct Conv3x3 {
     bias: Vec<f32>,
     /// Round everything this layer writes to bf16 (see [`crate::Precision::Bf16`]).
     round_bf16: bool,
+    /// Weights for the AVX2 direct kernel ([`crate::direct`]), when it is used.
+    direct: Option<Vec<f32>>,
 }
 
 impl Conv3x3 {
@@ -143,13 +148,28 @@ impl Conv3x3 {
         if round_bf16 {
             round_slice_bf16(&mut weight);
         }
+        let direct = (cin >= IM2COL_BELOW && cout % direct::BLOCK == 0 && direct::available())
+            .then(|| direct::pack(&weight, cin, cout));
         Ok(Self {
             cin,
             cout,
             weight,
             bias: bias.to_vec(),
             round_bf16,
+            direct,
         })
+    }
+
+    /// Forces the `gemm` crate path even where the direct AVX2 kernel would run (tests and
+    /// benchmarks compare the two).
+    pub fn gemm_only(mut self) -> Self {
+        self.direct = None;
+        self
+    }
+
+    /// Whether this layer runs the direct AVX2 kernel (else the `gemm` crate).
+    pub fn uses_direct_kernel(&self) -> bool {
+        self.direct.is_some()
     }
 
     /// Input channels.
@@ -164,11 +184,7 @@ impl Conv3x3 {
 
     /// Rows per chunk for an input of `h x w`: a multiple of 2 when pooling.
     fn rows_per_chunk(w: usize, h_eff: usize, pool: bool) -> usize {
-        let target = std::env::var("FC_CHUNK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(CHUNK_PIXELS);
-        let mut rows = (target / (w + 2)).max(1);
+        let mut rows = (CHUNK_PIXELS / (w + 2)).max(1);
         if pool {
             rows = (rows / 2).max(1) * 2;
         }
@@ -256,7 +272,10 @@ impl Conv3x3 {
         // The last lhs element read for this chunk: row (y1 - 1 + 2) * wp + wp - 1 + 2, col cin - 1.
         let last = ((y1 + 2) * wp + 2) * cin;
         assert!(last <= input.len(), "chunk reads past the padded buffer");
-        if cin < IM2COL_BELOW {
+        if let Some(packed) = &self.direct {
+            let input = &input[y0 * wp * cin..last];
+            direct::chunk(input, wp, cin, cout, m, packed, acc);
+        } else if cin < IM2COL_BELOW {
             // Few channels (the RGB layer): three GEMMs with K = 3 * cin would each re-read and
             // re-write the accumulator for very little work, so gather the 9 taps into one
             // `m x 9cin` matrix (small: 27 floats per position) and do one GEMM.

@@ -3,39 +3,61 @@
 //! # Why
 //! candle's CPU `conv2d` materialises an im2col copy of every layer's input (9x the activation
 //! size) and works NCHW, so VGG16 spends most of its time copying. This crate keeps activations
-//! NHWC in zero-padded buffers and turns each 3x3 conv into three GEMMs over *shifted, overlapping
-//! views* of the padded input (no copy at all; see [`conv`] for the derivation), with bias, ReLU
-//! and the 2x2 max-pool fused into the pass that writes the next layer's padded input.
+//! NHWC in zero-padded buffers and computes each 3x3 conv as an implicit GEMM over *shifted,
+//! overlapping views* of the padded input (no im2col copy at all; see [`conv`] for the
+//! derivation), with bias, ReLU and the 2x2 max-pool fused into the pass that writes the next
+//! layer's padded input.
 //!
 //! # Design
 //! - **Layout**: `[(h + 2) * (w + 2) + 2][c]` per image ([`conv::padded_len`]); borders are zero,
-//!   so padding costs nothing at run time.
-//! - **Kernel**: for each kernel row `dy`, `acc += P[dy * (w + 2) ..] (M x 3c, row stride c) *
-//!   W[dy] (3c x cout)` via the `gemm` crate (candle's own GEMM, AVX-512 / AVX2+FMA / scalar
-//!   chosen at run time, so no `-C target-cpu` is needed and any x86-64 or other CPU works).
-//!   The first layer (3 channels) goes through the same path with `K = 9`; it is 0.3% of
-//!   the FLOPs.
-//! - **Tiling**: output rows are processed in chunks of ~512 positions so the accumulator stays
-//!   in L2 across the three GEMMs and the fused output pass.
+//!   so padding costs nothing at run time, and NHWC makes the 3 taps of a kernel row one
+//!   contiguous run of `3 * c` floats.
+//! - **Kernel** ([`direct`]): on CPUs with AVX2+FMA (detected at run time) and `cout % 16 == 0`,
+//!   a register-blocked micro-kernel (6 positions x 16 channels, 12 ymm accumulators) sums all
+//!   `9 * cin` terms of a tile in registers, reading the padded rows in place; input channels
+//!   go 128 at a time so that the weights and inputs a pass touches stay in L2.
+//! - **Fallback** ([`conv`]): three accumulated GEMMs over shifted views of the padded buffer
+//!   (`acc += P[dy * (w + 2) ..] (M x 3c, row stride c) * W[dy] (3c x cout)`) on the `gemm`
+//!   crate, candle's own GEMM, which itself picks AVX-512 / AVX2 / scalar at run time. So
+//!   nothing needs `-C target-cpu`, and every CPU gets a correct path. The first layer
+//!   (3 channels) uses a per-chunk im2col of 27 floats per position and one GEMM; it is 0.6%
+//!   of the FLOPs.
+//! - **Fusion and tiling**: output rows are processed in chunks of ~512 positions; bias, ReLU and
+//!   the 2x2 max-pool are applied to a chunk while its accumulator is still in cache, writing
+//!   straight into the next layer's padded buffer (border columns included).
 //! - **Threads**: whole images per thread when the batch has at least one image per thread (no
-//!   synchronisation between layers, buffers stay in each core's cache), row chunks of one image
-//!   across threads otherwise (batch 1).
-//! - **Memory**: two reused ping-pong buffers per thread (13 MB each at 224x224); activations of
-//!   only one layer per image are alive, so peak RSS does not grow with the batch beyond the
-//!   input and output themselves.
-//! - **Weights** are repacked once, at construction, to `[dy][dx][cin][cout]`.
+//!   synchronisation between layers, each thread's buffers stay in its core's cache), row chunks
+//!   of one image across threads otherwise (batch 1).
+//! - **Memory**: two reused ping-pong buffers per thread (13 MB each at 224x224) and no
+//!   batch-sized activations, so peak RSS is the input, the output and ~30 MB per thread.
+//! - **Weights** are repacked once, at construction: `[dy][dx][cin][cout]`, and for the direct
+//!   kernel `[cout / 16][dy][dx][cin][16]`.
 //! - **bf16** ([`Precision::Bf16`]): weights and activations are rounded to bf16 and products
-//!   accumulated in f32. This gives the numerics of AVX512_BF16 dot products, but the GEMM is
-//!   still f32, so it is not faster; a `vdpbf16ps` micro-kernel is future work (the machine this
-//!   was written on has no AVX-512 at all, so it could not be tested).
+//!   accumulated in f32, the numerics of AVX512_BF16's `vdpbf16ps` (features within ~4e-3 of
+//!   f32 on the reference images). The arithmetic is still f32, so it is *not* faster: a
+//!   `vdpbf16ps` micro-kernel is future work; the machine this was written on has neither
+//!   AVX-512 nor AVX512_BF16, so such a kernel could not have been tested.
+//!
+//! # Use
+//! ```no_run
+//! # fn main() -> fastconv::Result<()> {
+//! let bytes = std::fs::read("vgg16-features.safetensors").expect("weights file");
+//! let net = fastconv::Vgg16Cpu::from_safetensors(&bytes, fastconv::Precision::F32)?;
+//! let images = vec![0.0f32; 2 * 3 * 224 * 224]; // [2, 3, 224, 224], NCHW
+//! let features = net.forward(&images, 2, 224)?; // [2, 25088], C,H,W order per image
+//! assert_eq!(features.len(), 2 * fastconv::Vgg16Cpu::feature_dim(224));
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Accuracy
 //! The f32 path only reorders the sums of a direct convolution: against an f64 reference it is
-//! within ~1e-6 of `max|ref|` per layer, and the real VGG16 pool5 features match PyTorch's at
-//! `max|diff| / max|ref| <= 1e-5` (test `tests/parity.rs`).
+//! within ~1e-6 of `max|ref|` per layer (`tests/kernels.rs`), and the real VGG16 pool5 features
+//! match PyTorch's at `max|diff| / max|ref|` = 2.7e-7, bound 1e-5 (`tests/parity.rs`).
 
 pub mod bf16;
 pub mod conv;
+pub mod direct;
 pub mod error;
 pub mod reference;
 pub mod vgg;

@@ -112,6 +112,13 @@ impl Vgg16Cpu {
         Self::new(&params, precision)
     }
 
+    /// Forces the `gemm` crate path in every layer, even where the direct AVX2 kernel would run
+    /// (for comparisons; see [`Conv3x3::gemm_only`]).
+    pub fn gemm_only(mut self) -> Self {
+        self.layers = self.layers.into_iter().map(Conv3x3::gemm_only).collect();
+        self
+    }
+
     /// The precision the network was built with.
     pub fn precision(&self) -> Precision {
         self.precision

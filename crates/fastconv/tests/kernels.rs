@@ -55,18 +55,40 @@ fn check(
     pool: bool,
     bf16: bool,
 ) {
+    check_kernel(rng, batch, cin, cout, h, w, pool, bf16, false);
+    check_kernel(rng, batch, cin, cout, h, w, pool, bf16, true);
+}
+
+/// One shape on one kernel: the automatic choice (the direct AVX2 kernel where the CPU and
+/// `cout % 16 == 0` allow), or with `gemm_only` the `gemm` crate path.
+#[allow(clippy::too_many_arguments)]
+fn check_kernel(
+    rng: &mut Rng,
+    batch: usize,
+    cin: usize,
+    cout: usize,
+    h: usize,
+    w: usize,
+    pool: bool,
+    bf16: bool,
+    gemm_only: bool,
+) {
     let input = rng.vec(batch * cin * h * w);
     let weight: Vec<f32> = rng.vec(cout * cin * 9);
     // A positive bias shift keeps about half the ReLU outputs alive.
     let bias: Vec<f32> = rng.vec(cout).iter().map(|b| b * 0.5).collect();
-    let layer = Conv3x3::new(&weight, &bias, cin, cout, bf16).expect("layer");
+    let mut layer = Conv3x3::new(&weight, &bias, cin, cout, bf16).expect("layer");
+    if gemm_only {
+        layer = layer.gemm_only();
+    }
     let got = conv3x3_relu_nchw(&layer, &input, batch, h, w, pool).expect("fast conv");
     let want = reference::conv3x3_relu_nchw(&input, batch, cin, h, w, &weight, &bias, cout, pool);
     let err = rel_err(&got, &want);
     let bound = if bf16 { 1e-2 } else { 1e-5 };
     assert!(
         err <= bound,
-        "batch {batch} cin {cin} cout {cout} {h}x{w} pool {pool} bf16 {bf16}: rel err {err:e} > {bound:e}"
+        "batch {batch} cin {cin} cout {cout} {h}x{w} pool {pool} bf16 {bf16} direct {}: rel err {err:e} > {bound:e}",
+        layer.uses_direct_kernel()
     );
 }
 
@@ -112,6 +134,25 @@ fn f32_large_layer_spans_many_chunks() {
     check(&mut rng, 1, 64, 70, 5, 600, false, false);
     check(&mut rng, 1, 130, 33, 57, 21, true, false);
     check(&mut rng, 2, 256, 64, 14, 14, true, false);
+}
+
+#[test]
+fn direct_kernel_matches_reference() {
+    // cout a multiple of 16 selects the direct kernel (where AVX2+FMA exist); cin 130 and 257
+    // cross its 128-channel blocks, odd sizes give ragged 6-position tiles.
+    let mut rng = Rng(5);
+    for &(batch, cin, cout, h, w, pool) in &[
+        (1, 8, 16, 5, 7, false),
+        (7, 13, 32, 9, 3, true),
+        (1, 130, 48, 11, 13, true),
+        (1, 257, 16, 6, 5, false),
+        (7, 64, 64, 7, 7, true),
+    ] {
+        let weight = rng.vec(cout * cin * 9);
+        let layer = Conv3x3::new(&weight, &vec![0.0; cout], cin, cout, false).expect("layer");
+        assert_eq!(layer.uses_direct_kernel(), fastconv::direct::available());
+        check(&mut rng, batch, cin, cout, h, w, pool, false);
+    }
 }
 
 #[test]

@@ -9,16 +9,32 @@ use crate::weights::Weights;
 
 /// VGG16's `features` stack: channel counts, `None` for a 2x2 max-pool.
 const VGG16: [Option<usize>; 18] = [
-    Some(64), Some(64), None,
-    Some(128), Some(128), None,
-    Some(256), Some(256), Some(256), None,
-    Some(512), Some(512), Some(512), None,
-    Some(512), Some(512), Some(512), None,
+    Some(64),
+    Some(64),
+    None,
+    Some(128),
+    Some(128),
+    None,
+    Some(256),
+    Some(256),
+    Some(256),
+    None,
+    Some(512),
+    Some(512),
+    Some(512),
+    None,
+    Some(512),
+    Some(512),
+    Some(512),
+    None,
 ];
 
 enum Layer {
     /// 3x3 conv, padding 1, then ReLU. Bias is stored as [1, c, 1, 1] for broadcasting.
-    Conv { weight: Tensor, bias: Tensor },
+    Conv {
+        weight: Tensor,
+        bias: Tensor,
+    },
     Pool,
 }
 
@@ -66,7 +82,9 @@ impl Vgg16Features {
         let mut x = x.clone();
         for layer in &self.layers {
             x = match layer {
-                Layer::Conv { weight, bias } => x.conv2d(weight, 1, 1, 1, 1)?.broadcast_add(bias)?.relu()?,
+                Layer::Conv { weight, bias } => {
+                    x.conv2d(weight, 1, 1, 1, 1)?.broadcast_add(bias)?.relu()?
+                }
                 Layer::Pool => x.max_pool2d(2)?,
             };
         }

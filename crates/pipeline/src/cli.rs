@@ -44,7 +44,11 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
             "-h" | "--help" => return Ok(Parsed::Help),
             "-c" | "--config" => out.config = value("--config")?.into(),
             "-s" | "--set" => out.overrides.push(value("--set")?),
-            _ => return Err(Error::Usage(format!("unknown argument `{arg}` (try --help)"))),
+            _ => {
+                return Err(Error::Usage(format!(
+                    "unknown argument `{arg}` (try --help)"
+                )))
+            }
         }
     }
     Ok(Parsed::Run(out))

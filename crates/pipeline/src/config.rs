@@ -383,10 +383,18 @@ impl Config {
                     "set either `csv` and `images`, or `root` (a folder per class)",
                 )
             }
-            _ => return bad("data.root", "set either `csv` and `images`, or `root`, not both"),
+            _ => {
+                return bad(
+                    "data.root",
+                    "set either `csv` and `images`, or `root`, not both",
+                )
+            }
         }
         if d.limit == Some(0) {
-            return bad("data.limit", "must be at least 1 (leave it out for all rows)");
+            return bad(
+                "data.limit",
+                "must be at least 1 (leave it out for all rows)",
+            );
         }
         if self.extract.batch_size == 0 {
             return bad("extract.batch_size", "must be at least 1");
@@ -399,22 +407,27 @@ impl Config {
         if self.head.batch_size == 0 || self.cnn.batch_size == 0 {
             return bad("head.batch_size / cnn.batch_size", "must be at least 1");
         }
-        if self.head.lr.is_nan() || self.head.lr <= 0.0 || self.cnn.lr.is_nan() || self.cnn.lr <= 0.0 {
+        if self.head.lr.is_nan()
+            || self.head.lr <= 0.0
+            || self.cnn.lr.is_nan()
+            || self.cnn.lr <= 0.0
+        {
             return bad("head.lr / cnn.lr", "must be positive");
         }
         if !(0.0..1.0).contains(&self.head.dropout) {
             return bad("head.dropout", "must be in [0, 1)");
         }
         if self.cnn.channels.is_empty() || self.cnn.channels.contains(&0) {
-            return bad("cnn.channels", "needs at least one block, each of 1+ channels");
+            return bad(
+                "cnn.channels",
+                "needs at least one block, each of 1+ channels",
+            );
         }
         let pools = 1u32 << self.cnn.channels.len();
         if !self.cnn.input_size.is_multiple_of(pools) {
             return bad(
                 "cnn.input_size",
-                &format!(
-                    "must be divisible by {pools} (one 2x2 pool per block)"
-                ),
+                &format!("must be divisible by {pools} (one 2x2 pool per block)"),
             );
         }
         if let Some(s) = self.preprocess.std {
@@ -432,7 +445,10 @@ impl Config {
             }
         };
         let d = &mut self.data;
-        for p in [&mut d.csv, &mut d.images, &mut d.root].into_iter().flatten() {
+        for p in [&mut d.csv, &mut d.images, &mut d.root]
+            .into_iter()
+            .flatten()
+        {
             fix(p);
         }
         if !self.backbone.weights.starts_with("hf:") {
@@ -443,7 +459,10 @@ impl Config {
         fix(&mut self.extract.out);
         fix(&mut self.output.runs);
         let p = &mut self.predict;
-        for p in [&mut p.input, &mut p.output, &mut p.run].into_iter().flatten() {
+        for p in [&mut p.input, &mut p.output, &mut p.run]
+            .into_iter()
+            .flatten()
+        {
             fix(p);
         }
     }
@@ -462,7 +481,9 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
         .entry(section.to_string())
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     let toml::Value::Table(sect) = entry else {
-        return Err(Error::Usage(format!("--set {item}: `{section}` is not a section")));
+        return Err(Error::Usage(format!(
+            "--set {item}: `{section}` is not a section"
+        )));
     };
     sect.insert(name.to_string(), value);
     Ok(())

@@ -58,7 +58,11 @@ impl Dataset {
 
     /// Loads an unlabelled list of images: a CSV of names (resolved against `images`; only
     /// `image_column` is read) or every image in a folder.
-    pub fn load_unlabelled(input: &Path, images: Option<&Path>, image_column: &str) -> Result<Self> {
+    pub fn load_unlabelled(
+        input: &Path,
+        images: Option<&Path>,
+        image_column: &str,
+    ) -> Result<Self> {
         let samples = if input.is_dir() {
             list_images(input)?
                 .into_iter()
@@ -123,7 +127,10 @@ fn read_csv_columns(csv: &Path, columns: &[&str]) -> Result<Vec<Vec<Option<Strin
                     available: names.join(", "),
                 });
             }
-            let c = df.column(col).and_then(|c| c.str().cloned()).map_err(csv_err)?;
+            let c = df
+                .column(col)
+                .and_then(|c| c.str().cloned())
+                .map_err(csv_err)?;
             Ok(c.iter().map(|v| v.map(|s| s.trim().to_string())).collect())
         })
         .collect()
@@ -145,7 +152,10 @@ fn from_csv(
     let all_classes = labels.as_ref().map(|l| {
         class_order(
             cfg.classes.as_deref(),
-            l.iter().flatten().filter(|s| !s.is_empty()).map(String::as_str),
+            l.iter()
+                .flatten()
+                .filter(|s| !s.is_empty())
+                .map(String::as_str),
         )
     });
     if let Some(limit) = cfg.limit {
@@ -188,7 +198,10 @@ fn from_csv(
                 let idx = classes.iter().position(|c| c == t).ok_or_else(|| {
                     row_err(
                         i,
-                        format!("label `{t}` is not one of the classes [{}]", classes.join(", ")),
+                        format!(
+                            "label `{t}` is not one of the classes [{}]",
+                            classes.join(", ")
+                        ),
                     )
                 })?;
                 s.label = Some(idx);
@@ -205,7 +218,10 @@ fn from_csv(
 
 /// The configured classes, or the labels seen, sorted numerically when they are all integers
 /// and as text otherwise, so the order does not depend on row order.
-pub fn class_order<'a>(configured: Option<&[String]>, seen: impl Iterator<Item = &'a str>) -> Vec<String> {
+pub fn class_order<'a>(
+    configured: Option<&[String]>,
+    seen: impl Iterator<Item = &'a str>,
+) -> Vec<String> {
     if let Some(c) = configured {
         return c.to_vec();
     }
@@ -240,11 +256,17 @@ fn from_folders(root: &Path, cfg: &DataConfig) -> Result<Dataset> {
     let classes = class_order(cfg.classes.as_deref(), names.iter().map(String::as_str));
     let mut samples = Vec::new();
     for (dir, name) in dirs.iter().zip(&names) {
-        let label = classes.iter().position(|c| c == name).ok_or_else(|| Error::BadRow {
-            path: dir.clone(),
-            line: 0,
-            message: format!("folder `{name}` is not one of the classes [{}]", classes.join(", ")),
-        })?;
+        let label = classes
+            .iter()
+            .position(|c| c == name)
+            .ok_or_else(|| Error::BadRow {
+                path: dir.clone(),
+                line: 0,
+                message: format!(
+                    "folder `{name}` is not one of the classes [{}]",
+                    classes.join(", ")
+                ),
+            })?;
         for path in list_images(dir)? {
             samples.push(Sample {
                 id: format!("{name}/{}", file_name(&path)),
@@ -271,9 +293,9 @@ fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.is_file()
-                && p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+                && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                    matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")
+                })
         })
         .collect();
     files.sort();

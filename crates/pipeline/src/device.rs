@@ -76,7 +76,10 @@ mod tests {
     fn parses_device_names() {
         assert_eq!(DeviceChoice::parse("auto").ok(), Some(DeviceChoice::Auto));
         assert_eq!(DeviceChoice::parse("cpu").ok(), Some(DeviceChoice::Cpu));
-        assert_eq!(DeviceChoice::parse("cuda:1").ok(), Some(DeviceChoice::Cuda(1)));
+        assert_eq!(
+            DeviceChoice::parse("cuda:1").ok(),
+            Some(DeviceChoice::Cuda(1))
+        );
         assert!(DeviceChoice::parse("cuda:x").is_err());
         assert!(DeviceChoice::parse("gpu").is_err());
     }

@@ -115,7 +115,11 @@ impl std::fmt::Display for Summary {
             self.dir.display()
         )?;
         if self.skipped > 0 {
-            write!(f, ", {} bad images skipped (listed in manifest.json)", self.skipped)?;
+            write!(
+                f,
+                ", {} bad images skipped (listed in manifest.json)",
+                self.skipped
+            )?;
         }
         Ok(())
     }
@@ -185,12 +189,25 @@ pub fn run(config: &Config) -> Result<Summary> {
         "extract: {} images in {} shards to compute on {device_name}{}",
         todo.iter().map(|&i| shard_len(key, i)).sum::<usize>(),
         todo.len(),
-        if device.is_cpu() && !cfg!(feature = "cuda") { " (built without cuda)" } else { "" }
+        if device.is_cpu() && !cfg!(feature = "cuda") {
+            " (built without cuda)"
+        } else {
+            ""
+        }
     );
     let dtype = config.extract.dtype.to_candle();
     let compute_dtype = if device.is_cpu() { DType::F32 } else { dtype };
     let model = Vgg16Features::load(&plan.weights, &device, compute_dtype)?;
-    let computed = compute_shards(&plan, &store, &todo, config, &model, &device, compute_dtype, dtype)?;
+    let computed = compute_shards(
+        &plan,
+        &store,
+        &todo,
+        config,
+        &model,
+        &device,
+        compute_dtype,
+        dtype,
+    )?;
 
     // Gather the final counts from the shards themselves, the single source of truth.
     let mut count = 0;
@@ -270,7 +287,9 @@ fn compute_shards(
                     Ok(p) => {
                         pixels.extend(p);
                         shard.rows.push(row as i64);
-                        shard.labels.push(sample.label.map(|l| l as i64).unwrap_or(-1));
+                        shard
+                            .labels
+                            .push(sample.label.map(|l| l as i64).unwrap_or(-1));
                         shard.ids.push(sample.id.clone());
                     }
                     Err(e) if config.data.on_bad_image == OnBadImage::Error => {
@@ -292,7 +311,10 @@ fn compute_shards(
             } else {
                 let s = prep.input_size as usize;
                 let x = Tensor::from_vec(pixels, (n, 3, s, s), device)?.to_dtype(compute_dtype)?;
-                model.forward(&x)?.to_dtype(store_dtype)?.to_device(&Device::Cpu)?
+                model
+                    .forward(&x)?
+                    .to_dtype(store_dtype)?
+                    .to_device(&Device::Cpu)?
             };
             store.write_shard(index, key, &shard)?;
             computed += n;

@@ -84,15 +84,31 @@ pub fn run(config: &Config) -> Result<Summary> {
             ),
         });
     }
-    let input = config.predict.input.as_ref().ok_or_else(|| Error::InvalidValue {
-        key: "predict.input".into(),
-        message: "set it to a CSV of image names or a folder of images".into(),
-    })?;
-    let output = config.predict.output.clone().unwrap_or_else(|| PathBuf::from("predictions.csv"));
-    let dataset = Dataset::load_unlabelled(input, config.data.images.as_deref(), &config.data.image_column)?;
+    let input = config
+        .predict
+        .input
+        .as_ref()
+        .ok_or_else(|| Error::InvalidValue {
+            key: "predict.input".into(),
+            message: "set it to a CSV of image names or a folder of images".into(),
+        })?;
+    let output = config
+        .predict
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("predictions.csv"));
+    let dataset = Dataset::load_unlabelled(
+        input,
+        config.data.images.as_deref(),
+        &config.data.image_column,
+    )?;
 
     let device = DeviceChoice::parse(&config.extract.device)?.open()?;
-    let compute = if device.is_cpu() { DType::F32 } else { config.extract.dtype.to_candle() };
+    let compute = if device.is_cpu() {
+        DType::F32
+    } else {
+        config.extract.dtype.to_candle()
+    };
     let backbone = Vgg16Features::load(&weights, &device, compute)?;
     let head = Head::load(&run.join("head.safetensors"), &device)?;
     let prep = &key.preprocessing;
@@ -136,7 +152,12 @@ pub fn run(config: &Config) -> Result<Summary> {
     progress.finish();
     let trained_data = &trained.data;
     let image_column = &config.data.image_column;
-    let csv = to_csv(image_column, &trained_data.label_column, &metrics.classes, &rows);
+    let csv = to_csv(
+        image_column,
+        &trained_data.label_column,
+        &metrics.classes,
+        &rows,
+    );
     atomic_write(&output, csv.as_bytes())?;
     Ok(Summary {
         images: rows.len(),
@@ -148,7 +169,12 @@ pub fn run(config: &Config) -> Result<Summary> {
 }
 
 /// The output CSV: image, predicted label (the class's own value), `prob_<class>` columns.
-pub fn to_csv(image_column: &str, label_column: &str, classes: &[String], rows: &[(String, Vec<f32>)]) -> String {
+pub fn to_csv(
+    image_column: &str,
+    label_column: &str,
+    classes: &[String],
+    rows: &[(String, Vec<f32>)],
+) -> String {
     let mut header = vec![quote(image_column), quote(label_column)];
     header.extend(classes.iter().map(|c| quote(&format!("prob_{c}"))));
     let mut out = header.join(",") + "\n";
@@ -157,7 +183,10 @@ pub fn to_csv(image_column: &str, label_column: &str, classes: &[String], rows: 
             .iter()
             .enumerate()
             .fold(0, |b, (i, p)| if *p > probs[b] { i } else { b });
-        let mut cells = vec![quote(id), quote(classes.get(best).map_or("", String::as_str))];
+        let mut cells = vec![
+            quote(id),
+            quote(classes.get(best).map_or("", String::as_str)),
+        ];
         cells.extend(probs.iter().map(|p| format!("{p:.6}")));
         out.push_str(&cells.join(","));
         out.push('\n');
@@ -192,7 +221,12 @@ mod tests {
             ("a.jpg".to_string(), vec![0.9, 0.1]),
             ("b,c.jpg".to_string(), vec![0.2, 0.8]),
         ];
-        let csv = to_csv("image_names", "emergency_or_not", &["0".into(), "1".into()], &rows);
+        let csv = to_csv(
+            "image_names",
+            "emergency_or_not",
+            &["0".into(), "1".into()],
+            &rows,
+        );
         assert_eq!(
             csv,
             "image_names,emergency_or_not,prob_0,prob_1\n\

@@ -266,7 +266,8 @@ mod tests {
             input_size: 4,
             ..vgg_oxford()
         };
-        let gray = image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(7, 3, image::Luma([9])));
+        let gray =
+            image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(7, 3, image::Luma([9])));
         assert_eq!(p.apply(&gray).len(), 48);
         let rgba = image::DynamicImage::ImageRgba8(image::RgbaImage::new(9, 9));
         assert_eq!(p.apply(&rgba).len(), 48);
@@ -295,10 +296,15 @@ mod tests {
             input_size: Some(112),
             ..Partial::default()
         };
-        let p = over.or(from_file).complete(ResizeMode::Squash, "w").expect("complete");
+        let p = over
+            .or(from_file)
+            .complete(ResizeMode::Squash, "w")
+            .expect("complete");
         assert_eq!(p.input_size, 112);
         assert_eq!(p.input_scale, 255.0);
-        let err = Partial::default().complete(ResizeMode::Squash, "w").expect_err("missing");
+        let err = Partial::default()
+            .complete(ResizeMode::Squash, "w")
+            .expect_err("missing");
         assert!(err.to_string().contains("input_size"));
         let mut bad = meta.clone();
         bad.insert("mean".into(), "1,2".into());

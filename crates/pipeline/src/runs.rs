@@ -90,7 +90,9 @@ pub fn latest(runs: &Path, prefix: &str) -> Result<Option<PathBuf>> {
         .map(|e| e.path())
         .filter(|p| p.join(METRICS_FILE).is_file())
         .filter_map(|p| {
-            let t = std::fs::metadata(p.join(METRICS_FILE)).and_then(|m| m.modified()).ok()?;
+            let t = std::fs::metadata(p.join(METRICS_FILE))
+                .and_then(|m| m.modified())
+                .ok()?;
             Some((t, p))
         })
         .collect();
@@ -100,7 +102,10 @@ pub fn latest(runs: &Path, prefix: &str) -> Result<Option<PathBuf>> {
 
 /// `YYYYMMDD-HHMMSS` in UTC.
 fn utc_stamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
     format!(

@@ -231,7 +231,11 @@ impl FeatureStore {
         let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let field = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("no `{k}` metadata")));
+        let field = |k: &str| {
+            meta.get(k)
+                .cloned()
+                .ok_or_else(|| bad(format!("no `{k}` metadata")))
+        };
         if field("key")? != key.digest() {
             return Err(bad("made from other inputs".into()));
         }
@@ -253,13 +257,20 @@ impl FeatureStore {
         let start = index * key.shard_rows;
         let expected = key.shard_rows.min(key.rows - start);
         let n = ids.len();
-        if labels.len() != n || rows.len() != n || features.dim(0)? != n || n + skipped.len() != expected {
+        if labels.len() != n
+            || rows.len() != n
+            || features.dim(0)? != n
+            || n + skipped.len() != expected
+        {
             return Err(bad(format!(
                 "holds {n} rows + {} skipped, expected {expected}",
                 skipped.len()
             )));
         }
-        if rows.iter().any(|&r| r < start as i64 || r >= (start + expected) as i64) {
+        if rows
+            .iter()
+            .any(|&r| r < start as i64 || r >= (start + expected) as i64)
+        {
             return Err(bad("rows outside the shard's range".into()));
         }
         Ok(Shard {

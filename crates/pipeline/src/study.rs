@@ -41,7 +41,11 @@ pub struct StudySplit {
 }
 
 /// Splits the dataset's rows as `[split]` says; duplicates grouped by file content.
-pub fn split_dataset(config: &Config, dataset: &Dataset, hashes: &[Option<String>]) -> Result<StudySplit> {
+pub fn split_dataset(
+    config: &Config,
+    dataset: &Dataset,
+    hashes: &[Option<String>],
+) -> Result<StudySplit> {
     let s = &config.split;
     let groups: Vec<String> = hashes
         .iter()
@@ -143,7 +147,16 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
     let dim = set.manifest.dim;
     let classes = plan.dataset.classes.clone();
     let features = set.features.to_device(&device)?;
-    let mut head = Head::new(h.kind, dim, classes.len(), h.dropout, features, set.labels.clone(), Some(&plan.weights), &mut rng)?;
+    let mut head = Head::new(
+        h.kind,
+        dim,
+        classes.len(),
+        h.dropout,
+        features,
+        set.labels.clone(),
+        Some(&plan.weights),
+        &mut rng,
+    )?;
     let kind = match h.kind {
         HeadKind::Linear => "linear",
         HeadKind::Mlp => "mlp",
@@ -162,7 +175,17 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
         seed: config.split.seed,
     };
     let name = format!("VGG16 + {kind} head");
-    let outcome = train_and_record(&mut head, &run, "head", &name, classes, split, &train_rows, &val_rows, &opts)?;
+    let outcome = train_and_record(
+        &mut head,
+        &run,
+        "head",
+        &name,
+        classes,
+        split,
+        &train_rows,
+        &val_rows,
+        &opts,
+    )?;
     head.save(&run.file("head.safetensors"))?;
     finish_run(config, &run, outcome)
 }
@@ -182,9 +205,9 @@ pub fn train_cnn(config: &Config) -> Result<RunOutcome> {
     };
     let kept_paths: Vec<&Path> = keep.iter().map(|&i| paths[i]).collect();
     let images = load_images(&kept_paths, c.input_size).map_err(|e| match e {
-        Error::BadImage { .. } if config.data.on_bad_image == OnBadImage::Skip => Error::Training(format!(
-            "{e} (on_bad_image = \"skip\" leaves out only files that cannot be read)"
-        )),
+        Error::BadImage { .. } if config.data.on_bad_image == OnBadImage::Skip => Error::Training(
+            format!("{e} (on_bad_image = \"skip\" leaves out only files that cannot be read)"),
+        ),
         e => e,
     })?;
     eprintln!(
@@ -197,13 +220,26 @@ pub fn train_cnn(config: &Config) -> Result<RunOutcome> {
     let mut position = vec![usize::MAX; dataset.samples.len()];
     keep.iter().enumerate().for_each(|(i, &r)| position[r] = i);
     let side = |rows: &[usize]| -> Vec<usize> {
-        rows.iter().map(|&r| position[r]).filter(|&p| p != usize::MAX).collect()
+        rows.iter()
+            .map(|&r| position[r])
+            .filter(|&p| p != usize::MAX)
+            .collect()
     };
     let (train_rows, val_rows) = (side(&split.split.train), side(&split.split.val));
-    let labels: Vec<usize> = keep.iter().map(|&r| dataset.samples[r].label.unwrap_or(0)).collect();
+    let labels: Vec<usize> = keep
+        .iter()
+        .map(|&r| dataset.samples[r].label.unwrap_or(0))
+        .collect();
     let device = training_device(config)?;
     let mut rng = Rng::new(config.split.seed).fork(INIT_STREAM);
-    let mut cnn = Cnn::new(&c.channels, c.input_size as usize, dataset.classes.len(), images.to_device(&device)?, labels, &mut rng)?;
+    let mut cnn = Cnn::new(
+        &c.channels,
+        c.input_size as usize,
+        dataset.classes.len(),
+        images.to_device(&device)?,
+        labels,
+        &mut rng,
+    )?;
     let run = RunDir::create(&config.output.runs, "cnn")?;
     run.write_config(config)?;
     let opts = TrainOptions {
@@ -217,7 +253,17 @@ pub fn train_cnn(config: &Config) -> Result<RunOutcome> {
         seed: config.split.seed,
     };
     let name = format!("CNN baseline {:?}", c.channels);
-    let outcome = train_and_record(&mut cnn, &run, "cnn", &name, dataset.classes.clone(), split, &train_rows, &val_rows, &opts)?;
+    let outcome = train_and_record(
+        &mut cnn,
+        &run,
+        "cnn",
+        &name,
+        dataset.classes.clone(),
+        split,
+        &train_rows,
+        &val_rows,
+        &opts,
+    )?;
     cnn.save(&run.file("cnn.safetensors"))?;
     finish_run(config, &run, outcome)
 }
@@ -253,7 +299,12 @@ fn train_and_record(
         split,
         finished: false,
     };
-    eprintln!("{name}: training on {} rows, validating on {}; run {}", train_rows.len(), val_rows.len(), run.path.display());
+    eprintln!(
+        "{name}: training on {} rows, validating on {}; run {}",
+        train_rows.len(),
+        val_rows.len(),
+        run.path.display()
+    );
     let start = Instant::now();
     let mut write_error = None;
     let history: History = fit(model, train_rows, val_rows, opts, |r| {
@@ -287,7 +338,10 @@ fn train_and_record(
         let flat: Vec<f32> = probs.into_iter().flatten().collect();
         let labels = model.labels();
         let mut cm = ConfusionMatrix::new(n);
-        cm.update(&argmax_rows(&flat, n), &rows.iter().map(|&r| labels[r]).collect::<Vec<_>>());
+        cm.update(
+            &argmax_rows(&flat, n),
+            &rows.iter().map(|&r| labels[r]).collect::<Vec<_>>(),
+        );
         Ok(cm.compute())
     };
     let (train, val) = (measure(train_rows)?, measure(val_rows)?);
@@ -321,13 +375,19 @@ fn write_plots(run: &RunDir, m: &RunMetrics) -> Result<()> {
         &run.file("loss.png"),
         &format!("{} loss", m.name),
         "epoch",
-        &[series("train", |r| r.train_loss), series("validation", |r| r.val_loss)],
+        &[
+            series("train", |r| r.train_loss),
+            series("validation", |r| r.val_loss),
+        ],
     )?;
     line_chart(
         &run.file("accuracy.png"),
         &format!("{} accuracy", m.name),
         "epoch",
-        &[series("train", |r| r.train_accuracy), series("validation", |r| r.val_accuracy)],
+        &[
+            series("train", |r| r.train_accuracy),
+            series("validation", |r| r.val_accuracy),
+        ],
     )?;
     confusion_matrix_png(
         &run.file("confusion_matrix.png"),
@@ -343,7 +403,10 @@ pub fn latest_runs(runs: &Path) -> Result<Vec<(PathBuf, RunMetrics)>> {
     for prefix in ["cnn-", "head-linear-", "head-mlp-"] {
         if let Some(dir) = latest(runs, prefix)? {
             let path = dir.join(METRICS_FILE);
-            let text = std::fs::read(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+            let text = std::fs::read(&path).map_err(|e| Error::Io {
+                path: path.clone(),
+                source: e,
+            })?;
             let m: RunMetrics = serde_json::from_slice(&text).map_err(|e| Error::Io {
                 path: path.clone(),
                 source: std::io::Error::other(e),
@@ -365,7 +428,9 @@ pub fn write_report(config: &Config, run: &Path) -> Result<String> {
         .find(|(d, _)| d == run)
         .map(|(_, m)| m.split.fingerprint.clone())
         .unwrap_or_default();
-    let (same, other): (Vec<_>, Vec<_>) = all.into_iter().partition(|(_, m)| m.split.fingerprint == this);
+    let (same, other): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|(_, m)| m.split.fingerprint == this);
     let rows: Vec<ModelRow> = same
         .iter()
         .map(|(_, m)| ModelRow {
@@ -394,12 +459,19 @@ pub fn write_report(config: &Config, run: &Path) -> Result<String> {
     }
     md.push_str(&markdown_table(&rows));
     if let Some(w) = winner(&rows) {
-        md.push_str(&format!("\n**Winner: {}** ({:.2}% validation accuracy).\n", w.model, 100.0 * w.val_accuracy));
+        md.push_str(&format!(
+            "\n**Winner: {}** ({:.2}% validation accuracy).\n",
+            w.model,
+            100.0 * w.val_accuracy
+        ));
     }
     md.push_str("\nImages/s: training images processed per second (feature rows for heads: extraction is separate).\n");
     md.push_str("\n## Runs\n\n");
     for (dir, m) in &same {
-        let rel = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let rel = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         md.push_str(&format!(
             "### {}\n\n`{rel}`: best epoch {} of {}{}.\n\n![loss](../{rel}/loss.png) ![accuracy](../{rel}/accuracy.png) ![confusion](../{rel}/confusion_matrix.png)\n\n",
             m.name,

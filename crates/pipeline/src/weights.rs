@@ -19,7 +19,10 @@ use crate::preprocess::Partial;
 pub enum WeightsSource {
     Local(PathBuf),
     /// A hub model repository and the file in it (default `model.safetensors`).
-    Hub { repo: String, file: String },
+    Hub {
+        repo: String,
+        file: String,
+    },
 }
 
 impl WeightsSource {
@@ -53,9 +56,11 @@ impl WeightsSource {
                 let api = hf_hub::api::sync::ApiBuilder::from_env()
                     .build()
                     .map_err(|e| err(e.to_string()))?;
-                api.model(repo.clone())
-                    .get(file)
-                    .map_err(|e| err(format!("{e} (no network? put the file in the hf-hub cache, or set a local path)")))
+                api.model(repo.clone()).get(file).map_err(|e| {
+                    err(format!(
+                        "{e} (no network? put the file in the hf-hub cache, or set a local path)"
+                    ))
+                })
             }
         }
     }
@@ -113,7 +118,11 @@ impl Weights {
         let st = SafeTensors::deserialize(&self.bytes).map_err(|e| err(e.to_string()))?;
         let view = st.tensor(name).map_err(|_| err("missing".into()))?;
         if view.shape() != shape {
-            return Err(err(format!("shape {:?}, expected {:?}", view.shape(), shape)));
+            return Err(err(format!(
+                "shape {:?}, expected {:?}",
+                view.shape(),
+                shape
+            )));
         }
         let t = view.load(device).map_err(|e| err(e.to_string()))?;
         Ok(t.to_dtype(DType::F32)?)

@@ -32,7 +32,10 @@ pub fn shared_dir(test: &str) -> Option<PathBuf> {
     if dir.join("weights").is_dir() {
         return Some(dir);
     }
-    let msg = format!("{test}: SKIPPED: {} not found (see README: getting the data and weights)", dir.display());
+    let msg = format!(
+        "{test}: SKIPPED: {} not found (see README: getting the data and weights)",
+        dir.display()
+    );
     if std::env::var(REQUIRE_VAR).is_ok_and(|v| v == "1") {
         panic!("{msg}, and {REQUIRE_VAR}=1 requires it");
     }
@@ -46,7 +49,12 @@ pub fn shared_dir(test: &str) -> Option<PathBuf> {
 /// On anything but a C-order `<f4` array (test data only).
 pub fn read_npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}: not a .npy file", path.display());
+    assert_eq!(
+        &bytes[..6],
+        b"\x93NUMPY",
+        "{}: not a .npy file",
+        path.display()
+    );
     let (header_len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
         _ => (
@@ -55,8 +63,16 @@ pub fn read_npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
         ),
     };
     let header = std::str::from_utf8(&bytes[start..start + header_len]).expect("ascii header");
-    assert!(header.contains("'descr': '<f4'"), "{}: not float32: {header}", path.display());
-    assert!(header.contains("'fortran_order': False"), "{}: fortran order", path.display());
+    assert!(
+        header.contains("'descr': '<f4'"),
+        "{}: not float32: {header}",
+        path.display()
+    );
+    assert!(
+        header.contains("'fortran_order': False"),
+        "{}: fortran order",
+        path.display()
+    );
     let shape_text = header
         .split("'shape': (")
         .nth(1)
@@ -71,14 +87,23 @@ pub fn read_npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    assert_eq!(data.len(), shape.iter().product::<usize>(), "{}: size", path.display());
+    assert_eq!(
+        data.len(),
+        shape.iter().product::<usize>(),
+        "{}: size",
+        path.display()
+    );
     (shape, data)
 }
 
 /// max |a - b| / max |b|: the parity measure of the reference tests.
 pub fn max_relative_error(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    let max_diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let max_diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
     let max_ref = b.iter().map(|y| y.abs()).fold(0.0, f32::max);
     max_diff / max_ref.max(f32::MIN_POSITIVE)
 }
@@ -115,7 +140,9 @@ pub fn write_dataset(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
 /// with Oxford-style preprocessing metadata. `replace(name, shape)` may substitute a shape.
 pub fn write_vgg_weights(path: &Path, replace: impl Fn(&str, &[usize]) -> Option<Vec<usize>>) {
     use safetensors::tensor::TensorView;
-    let channels = [64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512];
+    let channels = [
+        64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512,
+    ];
     let mut state = 0x2545_f491_4f6c_dd1d_u64;
     let mut next = move || {
         state = state
@@ -135,7 +162,9 @@ pub fn write_vgg_weights(path: &Path, replace: impl Fn(&str, &[usize]) -> Option
             let name = format!("features.{index}.{suffix}");
             let shape = replace(&name, &shape).unwrap_or(shape);
             let n: usize = shape.iter().product();
-            let bytes = (0..n).flat_map(|_| (next() * bound).to_le_bytes()).collect();
+            let bytes = (0..n)
+                .flat_map(|_| (next() * bound).to_le_bytes())
+                .collect();
             data.push((name, shape, bytes));
         }
         in_c = c;
@@ -144,7 +173,8 @@ pub fn write_vgg_weights(path: &Path, replace: impl Fn(&str, &[usize]) -> Option
     let views: Vec<(String, TensorView)> = data
         .iter()
         .map(|(name, shape, bytes)| {
-            let view = TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).expect("view");
+            let view =
+                TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).expect("view");
             (name.clone(), view)
         })
         .collect();

@@ -8,7 +8,10 @@ fn main() -> std::process::ExitCode {
         |config| {
             let outcome = pipeline::study::train_head(config)?;
             println!("\n{}", outcome.table);
-            println!("run: {} (report.md, metrics.json, plots)", outcome.dir.display());
+            println!(
+                "run: {} (report.md, metrics.json, plots)",
+                outcome.dir.display()
+            );
             Ok(())
         },
     )

@@ -4,6 +4,7 @@
 //! fastconv-bench extract [--batch N] [--size S] [--precision f32|bf16] [--reps R] [--weights FILE]
 //! fastconv-bench profile [--size S] [--precision f32|bf16] [--reps R] [--weights FILE]
 //! fastconv-bench peak    [--secs T]
+//! (extract/profile: --kernel gemm forces the gemm-crate path instead of the AVX2 direct kernel)
 //! ```
 //! `extract` prints `RESULT key=value ...` (best of R timed runs after one warm-up);
 //! `profile` prints a per-layer table (batch 1, best of R); `peak` measures the FMA ceiling
@@ -22,6 +23,7 @@ struct Args {
     reps: usize,
     weights: Option<String>,
     secs: f64,
+    gemm_only: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -37,6 +39,7 @@ fn parse() -> Result<Args, String> {
         reps: 3,
         weights: None,
         secs: 1.0,
+        gemm_only: false,
     };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -44,6 +47,7 @@ fn parse() -> Result<Args, String> {
         match flag.as_str() {
             "--batch" => args.batch = num(&value)?,
             "--size" => args.size = num(&value)?,
+            "--kernel" => args.gemm_only = value == "gemm",
             "--reps" => args.reps = num(&value)?.max(1),
             "--weights" => args.weights = Some(value),
             "--secs" => args.secs = value.parse().map_err(|e| format!("--secs {value}: {e}"))?,
@@ -74,6 +78,11 @@ fn random(n: usize, scale: f32, seed: u64) -> Vec<f32> {
 }
 
 fn network(args: &Args) -> Result<Vgg16Cpu, String> {
+    let net = network_inner(args)?;
+    Ok(if args.gemm_only { net.gemm_only() } else { net })
+}
+
+fn network_inner(args: &Args) -> Result<Vgg16Cpu, String> {
     if let Some(path) = &args.weights {
         let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
         return Vgg16Cpu::from_safetensors(&bytes, args.precision).map_err(|e| e.to_string());
@@ -96,11 +105,17 @@ fn network(args: &Args) -> Result<Vgg16Cpu, String> {
 /// 0 where that file does not exist. Under load from other processes, CPU time per image is a
 /// steadier measure of the work done than wall time.
 fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let Some(rest) = stat.rsplit(')').next() else { return 0.0 };
+    let Some(rest) = stat.rsplit(')').next() else {
+        return 0.0;
+    };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
     ticks / 100.0 // USER_HZ, 100 on Linux
 }
 
@@ -111,6 +126,7 @@ fn extract(args: &Args) -> Result<(), String> {
     net.forward(&input, args.batch, args.size)
         .map_err(|e| e.to_string())?; // warm-up
     let mut best = f64::INFINITY;
+    let cpu_start = cpu_seconds();
     for _ in 0..args.reps {
         let start = Instant::now();
         let out = net
@@ -119,6 +135,7 @@ fn extract(args: &Args) -> Result<(), String> {
         best = best.min(start.elapsed().as_secs_f64());
         std::hint::black_box(out);
     }
+    let cpu_per_image = (cpu_seconds() - cpu_start) / (args.reps * args.batch) as f64;
     let ips = args.batch as f64 / best;
     println!(
         "RESULT impl=fastconv precision={:?} batch={} size={} threads={} best_s={:.4} ms_per_image={:.2} images_per_s={:.3} gflops={:.1} cpu_ms_per_image={:.0}",
