@@ -346,3 +346,32 @@ fn unusual_colour_types_decode_to_rgb() {
         assert_eq!(p.load(&fixtures.join(f)).expect(f).len(), 48, "{f}");
     }
 }
+
+#[test]
+fn hub_weights_resolve_from_the_local_hf_cache_without_network() {
+    // hf-hub's cache layout: <HF_HOME>/hub/models--<owner>--<name>/{refs/main, snapshots/<rev>/}.
+    let home = testkit::temp_dir("hf-home");
+    let repo = home.join("hub/models--timm--vgg16.tv_in1k");
+    std::fs::create_dir_all(repo.join("refs")).expect("mkdir");
+    std::fs::create_dir_all(repo.join("snapshots/0123abcd")).expect("mkdir");
+    std::fs::write(repo.join("refs/main"), "0123abcd").expect("ref");
+    std::fs::copy(random_weights(), repo.join("snapshots/0123abcd/model.safetensors")).expect("copy");
+    // Only this test reads HF_HOME.
+    std::env::set_var("HF_HOME", &home);
+    let source = pipeline::WeightsSource::parse("hf:timm/vgg16.tv_in1k");
+    let path = source.resolve().expect("found in the cache");
+    assert!(path.ends_with("snapshots/0123abcd/model.safetensors"), "{}", path.display());
+    let known = source.known_preprocessing();
+    assert_eq!(known.mean, Some(pipeline::preprocess::IMAGENET_MEAN));
+    assert_eq!(known.input_scale, Some(1.0));
+    let (_dir, mut c) = fixture("hub", 3);
+    c.backbone.weights = "hf:timm/vgg16.tv_in1k".into();
+    let s = extract(&c);
+    assert_eq!(s.images, 3);
+    let m = FeatureStore::new(&c.extract.out).manifest().expect("read").expect("manifest");
+    assert_eq!(m.key.weights, "hf:timm/vgg16.tv_in1k");
+    // A repository that is neither cached nor reachable is an error naming it.
+    let missing = pipeline::WeightsSource::parse("hf:nobody/absent-model");
+    let err = missing.resolve().expect_err("not cached, no network").to_string();
+    assert!(err.contains("nobody/absent-model"), "{err}");
+}
