@@ -10,7 +10,9 @@
 #
 # Prints, from one run: the machine, the measured FMA ceiling, images/s and peak RSS
 # (/usr/bin/time -v) per implementation and batch, the ratio to PyTorch channels_last f32, the
-# fraction of the FMA ceiling, and a per-layer table for the fast path.
+# fraction of the FMA ceiling, and a per-layer table for the fast path. "CPU ms/image" (user +
+# system time over the timed runs) is the steadier figure when other jobs share the machine:
+# wall-clock numbers then depend on the share of the cores each run happened to get.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -56,7 +58,7 @@ echo "== machine"
 echo "date:    $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "cpu:     $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) cores), flags: $(grep -m1 -ow -E 'avx512f|avx512_bf16|avx2|fma' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 echo "threads: $THREADS; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-[ "$WITH_TORCH" = 1 ] && echo "torch:   $($PY -c 'import torch; print(torch.__version__, torch.backends.cpu.get_cpu_capability())')"
+[ "$WITH_TORCH" = 1 ] && echo "torch:   $($PY -W ignore -c 'import torch; print(torch.__version__, torch.backends.cpu.get_cpu_capability())')"
 
 NATIVE_BF16=0
 grep -qw -E 'avx512_bf16|amx_bf16' /proc/cpuinfo && NATIVE_BF16=1
@@ -72,7 +74,7 @@ run() {
     line=$(grep '^RESULT' "$TMP/out")
     rss=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$TMP/time")
     echo "$name $line rss_kb=$rss" >> "$TMP/results"
-    echo "   $name: $(echo "$line" | grep -o 'images_per_s=[^ ]*') peak_rss=$((rss / 1024)) MB"
+    echo "   $name: $(echo "$line" | grep -o 'images_per_s=[^ ]*') $(echo "$line" | grep -o 'cpu_ms_per_image=[^ ]*') peak_rss=$((rss / 1024)) MB"
 }
 
 reps_for() { case "$1" in 1) echo 5 ;; 16) echo 2 ;; *) echo 1 ;; esac; }
@@ -98,14 +100,14 @@ done
 echo "== summary (ratio: images/s over PyTorch channels_last f32 at the same batch; ceiling: measured FMA peak ${PEAK} GFLOP/s)"
 awk -v peak="$PEAK" '
     function get(key,   i, kv) { for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == key) return kv[2] } return "" }
-    { name[NR] = $1; batch[NR] = get("batch"); ips[NR] = get("images_per_s"); gf[NR] = get("gflops"); rss[NR] = get("rss_kb")
+    { name[NR] = $1; batch[NR] = get("batch"); ips[NR] = get("images_per_s"); gf[NR] = get("gflops"); rss[NR] = get("rss_kb"); cpu[NR] = get("cpu_ms_per_image")
       if ($1 == "pytorch-channels_last") ref[get("batch")] = get("images_per_s") }
     END {
-        printf "| implementation | batch | images/s | ms/image | GFLOP/s | of FMA ceiling | peak RSS (MB) | vs PyTorch CL f32 |\n"
-        printf "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        printf "| implementation | batch | images/s | ms/image | CPU ms/image | GFLOP/s | of FMA ceiling | peak RSS (MB) | vs PyTorch CL f32 |\n"
+        printf "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         for (i = 1; i <= NR; i++) {
             r = (batch[i] in ref) ? sprintf("%.2fx", ips[i] / ref[batch[i]]) : "n/a"
-            printf "| %s | %s | %.2f | %.1f | %.1f | %.0f%% | %d | %s |\n", name[i], batch[i], ips[i], 1000 / ips[i], gf[i], 100 * gf[i] / peak, rss[i] / 1024, r
+            printf "| %s | %s | %.2f | %.1f | %s | %.1f | %.0f%% | %d | %s |\n", name[i], batch[i], ips[i], 1000 / ips[i], cpu[i], gf[i], 100 * gf[i] / peak, rss[i] / 1024, r
         }
     }' "$TMP/results"
 

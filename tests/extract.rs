@@ -37,23 +37,30 @@ fn parity_with_reference_vgg16_pool5() {
     };
     let weights = Weights::open(shared.join("weights/vgg16-oxford-imagenet-features.safetensors"))
         .expect("weights");
-    let model = Vgg16Features::load(&weights, &Device::Cpu, candle_core::DType::F32).expect("load");
-    for image in ["chelsea", "coffee"] {
-        let (shape, input) =
-            testkit::read_npy_f32(&shared.join(format!("reference/{image}_vgg16_input.npy")));
-        let (_, expected) =
-            testkit::read_npy_f32(&shared.join(format!("reference/{image}_vgg16_pool5.npy")));
-        let x = Tensor::from_vec(input, shape, &Device::Cpu).expect("input");
-        let got: Vec<f32> = model
-            .forward(&x)
-            .expect("forward")
-            .flatten_all()
-            .expect("flat")
-            .to_vec1()
-            .expect("vec");
-        let err = testkit::max_relative_error(&got, &expected);
-        eprintln!("{image}: max relative error {err:.2e}");
-        assert!(err <= 1e-5, "{image}: max relative error {err:e} > 1e-5");
+    let fast = Vgg16Features::load(&weights, &Device::Cpu, candle_core::DType::F32).expect("load");
+    let candle =
+        Vgg16Features::load_candle(&weights, &Device::Cpu, candle_core::DType::F32).expect("load");
+    for (engine, model) in [("fast", &fast), ("candle", &candle)] {
+        for image in ["chelsea", "coffee"] {
+            let (shape, input) =
+                testkit::read_npy_f32(&shared.join(format!("reference/{image}_vgg16_input.npy")));
+            let (_, expected) =
+                testkit::read_npy_f32(&shared.join(format!("reference/{image}_vgg16_pool5.npy")));
+            let x = Tensor::from_vec(input, shape, &Device::Cpu).expect("input");
+            let got: Vec<f32> = model
+                .forward(&x)
+                .expect("forward")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1()
+                .expect("vec");
+            let err = testkit::max_relative_error(&got, &expected);
+            eprintln!("{engine} engine, {image}: max relative error {err:.2e}");
+            assert!(
+                err <= 1e-5,
+                "{engine} engine, {image}: max relative error {err:e} > 1e-5"
+            );
+        }
     }
 }
 
@@ -355,12 +362,20 @@ fn hub_weights_resolve_from_the_local_hf_cache_without_network() {
     std::fs::create_dir_all(repo.join("refs")).expect("mkdir");
     std::fs::create_dir_all(repo.join("snapshots/0123abcd")).expect("mkdir");
     std::fs::write(repo.join("refs/main"), "0123abcd").expect("ref");
-    std::fs::copy(random_weights(), repo.join("snapshots/0123abcd/model.safetensors")).expect("copy");
+    std::fs::copy(
+        random_weights(),
+        repo.join("snapshots/0123abcd/model.safetensors"),
+    )
+    .expect("copy");
     // Only this test reads HF_HOME.
     std::env::set_var("HF_HOME", &home);
     let source = pipeline::WeightsSource::parse("hf:timm/vgg16.tv_in1k");
     let path = source.resolve().expect("found in the cache");
-    assert!(path.ends_with("snapshots/0123abcd/model.safetensors"), "{}", path.display());
+    assert!(
+        path.ends_with("snapshots/0123abcd/model.safetensors"),
+        "{}",
+        path.display()
+    );
     let known = source.known_preprocessing();
     assert_eq!(known.mean, Some(pipeline::preprocess::IMAGENET_MEAN));
     assert_eq!(known.input_scale, Some(1.0));
@@ -368,10 +383,16 @@ fn hub_weights_resolve_from_the_local_hf_cache_without_network() {
     c.backbone.weights = "hf:timm/vgg16.tv_in1k".into();
     let s = extract(&c);
     assert_eq!(s.images, 3);
-    let m = FeatureStore::new(&c.extract.out).manifest().expect("read").expect("manifest");
+    let m = FeatureStore::new(&c.extract.out)
+        .manifest()
+        .expect("read")
+        .expect("manifest");
     assert_eq!(m.key.weights, "hf:timm/vgg16.tv_in1k");
     // A repository that is neither cached nor reachable is an error naming it.
     let missing = pipeline::WeightsSource::parse("hf:nobody/absent-model");
-    let err = missing.resolve().expect_err("not cached, no network").to_string();
+    let err = missing
+        .resolve()
+        .expect_err("not cached, no network")
+        .to_string();
     assert!(err.contains("nobody/absent-model"), "{err}");
 }

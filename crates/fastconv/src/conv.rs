@@ -108,7 +108,8 @@ pub fn output_hw(h: usize, w: usize, pool: bool) -> (usize, usize) {
 pub struct Conv3x3 {
     cin: usize,
     cout: usize,
-    /// `[dy][dx][cin][cout]`, i.e. for each `dy` a `(3 * cin) x cout` row-major matrix.
+    /// `[dy][dx][cin][cout]`, i.e. for each `dy` a `(3 * cin) x cout` row-major matrix; empty
+    /// when `direct` holds the weights instead (one copy is enough: VGG16's are 59 MB).
     weight: Vec<f32>,
     bias: Vec<f32>,
     /// Round everything this layer writes to bf16 (see [`crate::Precision::Bf16`]).
@@ -148,8 +149,9 @@ impl Conv3x3 {
         if round_bf16 {
             round_slice_bf16(&mut weight);
         }
-        let direct = (cin >= IM2COL_BELOW && cout % direct::BLOCK == 0 && direct::available())
-            .then(|| direct::pack(&weight, cin, cout));
+        let direct =
+            (cin >= IM2COL_BELOW && cout.is_multiple_of(direct::BLOCK) && direct::available())
+                .then(|| direct::pack(&weight, cin, cout));
         Ok(Self {
             cin,
             cout,
@@ -163,7 +165,9 @@ impl Conv3x3 {
     /// Forces the `gemm` crate path even where the direct AVX2 kernel would run (tests and
     /// benchmarks compare the two).
     pub fn gemm_only(mut self) -> Self {
-        self.direct = None;
+        if let Some(packed) = self.direct.take() {
+            self.weight = direct::unpack(&packed, self.cin, self.cout);
+        }
         self
     }
 
@@ -182,11 +186,18 @@ impl Conv3x3 {
         self.cout
     }
 
-    /// Rows per chunk for an input of `h x w`: a multiple of 2 when pooling.
-    fn rows_per_chunk(w: usize, h_eff: usize, pool: bool) -> usize {
+    /// Rows per chunk for an input `w` wide with `h_eff` contributing rows: about
+    /// `CHUNK_PIXELS` positions, but when spreading over threads at least ~4 chunks per thread
+    /// (the 14x14 layers would otherwise be one chunk on one thread); a multiple of 2 when
+    /// pooling.
+    fn rows_per_chunk(w: usize, h_eff: usize, pool: bool, parallel: bool) -> usize {
         let mut rows = (CHUNK_PIXELS / (w + 2)).max(1);
+        if parallel {
+            let chunks = 4 * rayon::current_num_threads();
+            rows = rows.min(h_eff.div_ceil(chunks)).max(1);
+        }
         if pool {
-            rows = (rows / 2).max(1) * 2;
+            rows = rows.div_ceil(2) * 2;
         }
         rows.min(h_eff.max(1))
     }
@@ -228,7 +239,7 @@ impl Conv3x3 {
         }
         // Input rows that contribute to the output (floor-mode pooling drops an odd last row).
         let h_eff = if pool { 2 * ho } else { h };
-        let rows = Self::rows_per_chunk(w, h_eff, pool);
+        let rows = Self::rows_per_chunk(w, h_eff, pool, parallel);
         let out_rows_per_chunk = if pool { rows / 2 } else { rows };
         let interior = &mut out[wpo * cout..(ho + 1) * wpo * cout];
         let chunk_len = out_rows_per_chunk * wpo * cout;

@@ -49,6 +49,22 @@ pub fn pack(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
     packed
 }
 
+/// Inverse of [`pack`].
+pub fn unpack(packed: &[f32], cin: usize, cout: usize) -> Vec<f32> {
+    let k = 3 * cin;
+    let mut weight = vec![0.0f32; packed.len()];
+    for j in 0..cout / BLOCK {
+        for dy in 0..3 {
+            for kk in 0..k {
+                let dst = (dy * k + kk) * cout + j * BLOCK;
+                let src = ((j * 3 + dy) * k + kk) * BLOCK;
+                weight[dst..dst + BLOCK].copy_from_slice(&packed[src..src + BLOCK]);
+            }
+        }
+    }
+    weight
+}
+
 /// `acc (m x cout) = sum_dy P[dy * wp ..] * W[dy]` for one chunk.
 ///
 /// `input` starts at the chunk's first padded row (row `y0 * wp`); `acc` has `m * cout`
@@ -67,7 +83,7 @@ pub fn chunk(
     acc: &mut [f32],
 ) {
     assert!(available(), "direct kernel needs AVX2 and FMA");
-    assert_eq!(cout % BLOCK, 0);
+    assert!(cout.is_multiple_of(BLOCK));
     assert_eq!(packed.len(), 9 * cin * cout);
     assert_eq!(acc.len(), m * cout);
     assert!(

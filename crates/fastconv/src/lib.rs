@@ -25,11 +25,12 @@
 //! - **Fusion and tiling**: output rows are processed in chunks of ~512 positions; bias, ReLU and
 //!   the 2x2 max-pool are applied to a chunk while its accumulator is still in cache, writing
 //!   straight into the next layer's padded buffer (border columns included).
-//! - **Threads**: whole images per thread when the batch has at least one image per thread (no
-//!   synchronisation between layers, each thread's buffers stay in its core's cache), row chunks
-//!   of one image across threads otherwise (batch 1).
-//! - **Memory**: two reused ping-pong buffers per thread (13 MB each at 224x224) and no
-//!   batch-sized activations, so peak RSS is the input, the output and ~30 MB per thread.
+//! - **Threads**: one image at a time, each layer's row chunks (at least 4 per thread) spread
+//!   over the rayon pool, so a layer's input and output stay in L3 ([`Schedule`] also offers
+//!   whole images per thread).
+//! - **Memory**: two reused ping-pong buffers (13 MB each at 224x224) and no batch-sized
+//!   activations, so peak RSS is the input, the output, the packed weights (one copy, 59 MB)
+//!   and ~30 MB, whatever the batch.
 //! - **Weights** are repacked once, at construction: `[dy][dx][cin][cout]`, and for the direct
 //!   kernel `[cout / 16][dy][dx][cin][16]`.
 //! - **bf16** ([`Precision::Bf16`]): weights and activations are rounded to bf16 and products
@@ -64,4 +65,4 @@ pub mod vgg;
 
 pub use conv::{conv3x3_relu_nchw, Conv3x3};
 pub use error::{Error, Result};
-pub use vgg::{Precision, Vgg16Cpu, VGG16_CHANNELS, VGG16_POOL_AFTER, VGG16_TORCH_INDEX};
+pub use vgg::{Precision, Schedule, Vgg16Cpu, VGG16_CHANNELS, VGG16_POOL_AFTER, VGG16_TORCH_INDEX};

@@ -1,12 +1,13 @@
 //! VGG16's 13-conv feature stack on [`Conv3x3`] layers: NCHW in, pool5 features (C,H,W order) out.
 //!
 //! # Scheduling and memory
-//! With at least as many images as rayon threads, each thread takes whole images from a shared
-//! counter and runs them through all 13 layers in two ping-pong padded buffers of its own (the
-//! largest is `226 * 226 * 64` floats, 13 MB, at 224x224). Nothing batch-sized is allocated
-//! besides the output, so peak memory is the input, the output and ~30 MB per thread, whatever
-//! the batch. With fewer images than threads, images go one at a time and each layer's row
-//! chunks are spread over the threads instead.
+//! By default ([`Schedule::Rows`]) images go one at a time and each layer's row chunks are spread
+//! over the rayon threads, through two ping-pong padded buffers (the largest is
+//! `226 * 226 * 64` floats, 13 MB, at 224x224). One layer's input and output then fit a 32 MB
+//! L3; two images in flight ([`Schedule::Images`], whole images per thread with buffers each)
+//! do not, and measured slower on the 2-core machine this was tuned on. Either way nothing
+//! batch-sized is allocated besides the output, so peak memory is the input, the output, the
+//! packed weights (59 MB) and ~30 MB of buffers per image in flight, whatever the batch.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -43,6 +44,21 @@ pub const VGG16_TORCH_INDEX: [usize; 13] = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 
 pub struct Vgg16Cpu {
     layers: Vec<Conv3x3>,
     precision: Precision,
+    schedule: Schedule,
+}
+
+/// How a batch is spread over the rayon threads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Schedule {
+    /// Currently [`Schedule::Rows`] for every batch size: at 224x224 a layer's input and output
+    /// (26 MB at most) fit a 32 MB L3 while two images in flight (52 MB) do not, and on the
+    /// 2-core machine it was tuned on rows measured faster (see BENCHMARKS.md).
+    #[default]
+    Auto,
+    /// One image at a time, each layer's row chunks spread over the threads.
+    Rows,
+    /// Whole images per thread, each with its own buffers.
+    Images,
 }
 
 /// Per-thread activation buffers, allocated once and reused for every image and layer.
@@ -59,25 +75,41 @@ impl Vgg16Cpu {
         W: AsRef<[f32]>,
         B: AsRef<[f32]>,
     {
-        if params.len() != VGG16_CHANNELS.len() {
+        Self::build(params.len(), precision, |i| {
+            Ok((params[i].0.as_ref().into(), params[i].1.as_ref().into()))
+        })
+    }
+
+    /// Builds the layers one at a time from `get(i) -> (weight, bias)`, so that at most one
+    /// layer's unpacked weights exist besides the packed ones.
+    fn build<'a>(
+        count: usize,
+        precision: Precision,
+        get: impl Fn(usize) -> Result<(std::borrow::Cow<'a, [f32]>, std::borrow::Cow<'a, [f32]>)>,
+    ) -> Result<Self> {
+        if count != VGG16_CHANNELS.len() {
             return Err(Error::Shape(format!(
-                "VGG16 has 13 convs, got {} weight pairs",
-                params.len()
+                "VGG16 has 13 convs, got {count} weight pairs"
             )));
         }
         let mut cin = 3;
         let mut layers = Vec::with_capacity(13);
-        for ((weight, bias), &cout) in params.iter().zip(&VGG16_CHANNELS) {
+        for (i, &cout) in VGG16_CHANNELS.iter().enumerate() {
+            let (weight, bias) = get(i)?;
             layers.push(Conv3x3::new(
-                weight.as_ref(),
-                bias.as_ref(),
+                &weight,
+                &bias,
                 cin,
                 cout,
                 precision == Precision::Bf16,
             )?);
             cin = cout;
         }
-        Ok(Self { layers, precision })
+        Ok(Self {
+            layers,
+            precision,
+            schedule: Schedule::Auto,
+        })
     }
 
     /// Builds the network from a safetensors file's bytes holding f32
@@ -87,7 +119,7 @@ impl Vgg16Cpu {
             tensor: String::new(),
             message: e.to_string(),
         })?;
-        let load = |name: String| -> Result<Vec<f32>> {
+        let load = |name: String| -> Result<std::borrow::Cow<'static, [f32]>> {
             let err = |message: String| Error::Weights {
                 tensor: name.clone(),
                 message,
@@ -100,22 +132,28 @@ impl Vgg16Cpu {
                 .data()
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect())
+                .collect::<Vec<f32>>()
+                .into())
         };
-        let mut params = Vec::with_capacity(13);
-        for index in VGG16_TORCH_INDEX {
-            params.push((
+        Self::build(VGG16_TORCH_INDEX.len(), precision, |i| {
+            let index = VGG16_TORCH_INDEX[i];
+            Ok((
                 load(format!("features.{index}.weight"))?,
                 load(format!("features.{index}.bias"))?,
-            ));
-        }
-        Self::new(&params, precision)
+            ))
+        })
     }
 
     /// Forces the `gemm` crate path in every layer, even where the direct AVX2 kernel would run
     /// (for comparisons; see [`Conv3x3::gemm_only`]).
     pub fn gemm_only(mut self) -> Self {
         self.layers = self.layers.into_iter().map(Conv3x3::gemm_only).collect();
+        self
+    }
+
+    /// Sets how batches are spread over threads. Default: [`Schedule::Auto`].
+    pub fn with_schedule(mut self, schedule: Schedule) -> Self {
+        self.schedule = schedule;
         self
     }
 
@@ -193,7 +231,12 @@ impl Vgg16Cpu {
         let mut output = vec![0.0f32; batch * dim];
         let image_len = 3 * size * size;
         let threads = rayon::current_num_threads();
-        if times.is_some() || batch < threads {
+        let rows = match self.schedule {
+            Schedule::Rows => true,
+            Schedule::Images => false,
+            Schedule::Auto => true,
+        };
+        if times.is_some() || rows {
             let mut ws = self.workspace(size);
             for (image, out) in input
                 .chunks_exact(image_len)

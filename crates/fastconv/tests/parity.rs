@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fastconv::{Precision, Vgg16Cpu};
+use fastconv::{Precision, Schedule, Vgg16Cpu};
 
 fn shared() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
@@ -95,11 +95,19 @@ fn check(precision: Precision, bound: f32) {
         inputs.extend_from_slice(&input);
         wants.extend_from_slice(&want);
     }
-    // The batched (image-per-thread) schedule must give the same features as batch 1.
-    let both = net.forward(&inputs, 2, 224).expect("batched forward");
-    let err = rel_err(&both, &wants);
-    println!("batch of 2 {precision:?}: max|diff|/max|ref| = {err:e}");
-    assert!(err <= bound, "batch 2 {precision:?}: {err:e} > {bound:e}");
+    // Both batch schedules must give the batch-1 features.
+    for schedule in [Schedule::Rows, Schedule::Images] {
+        let net = Vgg16Cpu::from_safetensors(&weights, precision)
+            .expect("network")
+            .with_schedule(schedule);
+        let both = net.forward(&inputs, 2, 224).expect("batched forward");
+        let err = rel_err(&both, &wants);
+        println!("batch of 2 {precision:?} {schedule:?}: max|diff|/max|ref| = {err:e}");
+        assert!(
+            err <= bound,
+            "batch 2 {precision:?} {schedule:?}: {err:e} > {bound:e}"
+        );
+    }
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! MaxPool(2x2), then one linear layer, trained on the raw images (pixels / 255). Owns the
 //! model's layers, their PyTorch-like initialisation and batch-norm semantics, the max-pool
 //! (written here because candle's `max_pool2d` backward is wrong), image loading for it, and
-//! its file format.
+//! its file format. On the CPU a block runs as two custom ops with hand-written backward
+//! passes ([`crate::cnn_ops`]: conv + bias, then BN + ReLU + pool fused), which is what makes
+//! training fast; other devices use the same layers in plain candle ops.
 //!
 //! Saved names: `block{i}.conv.weight` `[out, in, 3, 3]`, `block{i}.conv.bias`,
 //! `block{i}.bn.weight` (gamma), `block{i}.bn.bias` (beta), `block{i}.bn.running_mean`,
@@ -14,6 +16,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::cnn_ops::{self, BnStats};
 use crate::config::{ChannelOrder, ResizeMode};
 use crate::error::{Error, Result};
 use crate::preprocess::Preprocessing;
@@ -82,7 +85,8 @@ pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
 }
 
 /// 3x3 convolution, stride 1, zero padding 1: `[b, in, h, w]` with weight `[out, in, 3, 3]`
-/// -> `[b, out, h, w]` (no bias).
+/// -> `[b, out, h, w]` (no bias), in plain candle ops: the path for devices other than the
+/// CPU (training on the CPU uses [`cnn_ops::conv3x3`], whose backward is hand-written).
 ///
 /// Written as im2col + one batched matmul instead of candle's `conv2d`, whose CPU backward is
 /// what made training slow: it always computes the input's gradient with `conv_transpose2d`
@@ -168,51 +172,91 @@ impl Block {
         })
     }
 
-    /// `[b, in, h, w]` -> `[b, out, h / 2, w / 2]`.
+    /// `[b, in, h, w]` -> `[b, out, h / 2, w / 2]`: the custom ops of [`crate::cnn_ops`]
+    /// (conv + bias, then BN + ReLU + pool fused), whose backward passes are hand-written.
+    /// Training mode normalises with the batch's statistics (and updates the running ones, see
+    /// [`Block::update_running`]); evaluation mode with the running statistics.
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let c = self.conv_bias.dim(0)?;
-        let y =
-            conv3x3(x, &self.conv_weight)?.broadcast_add(&self.conv_bias.reshape((1, c, 1, 1))?)?;
-        let y = self.norm(&y, train)?.relu()?;
-        max_pool2x2(&y)
+        if !x.device().is_cpu() {
+            return self.forward_candle(x, train);
+        }
+        let y = cnn_ops::conv3x3(x, &self.conv_weight, &self.conv_bias)?;
+        let stats = if train {
+            let (mean, var) = cnn_ops::channel_stats(&y)?;
+            let (b, _, h, w) = y.dims4()?;
+            self.update_running(&mean, &var, b * h * w)?;
+            BnStats {
+                mean,
+                var,
+                batch: true,
+            }
+        } else {
+            let f64s = |v: &Var| -> Result<Vec<f64>> {
+                Ok(v.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?)
+            };
+            BnStats {
+                mean: f64s(&self.running_mean)?,
+                var: f64s(&self.running_var)?,
+                batch: false,
+            }
+        };
+        cnn_ops::bn_relu_pool(&y, &self.bn_weight, &self.bn_bias, &stats, BN_EPS)
     }
 
-    /// BatchNorm2d on `[b, c, h, w]`. Training mode normalises with the batch's mean and biased
-    /// variance over (b, h, w) and moves the running estimates towards the batch's mean and
-    /// unbiased variance by `BN_MOMENTUM`; evaluation mode normalises with the running
-    /// estimates and changes nothing.
-    fn norm(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+    /// [`Block::forward`] in plain candle ops, for devices the custom ops do not run on (their
+    /// kernels are CPU-only): [`conv3x3`], BatchNorm2d, ReLU, [`max_pool2x2`].
+    fn forward_candle(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, c, h, w) = (x.dim(0)?, self.conv_bias.dim(0)?, x.dim(2)?, x.dim(3)?);
+        let shape = (1, c, 1, 1);
+        let y = conv3x3(x, &self.conv_weight)?.broadcast_add(&self.conv_bias.reshape(shape)?)?;
         let (mean, var) = if train {
-            let mean = x.mean_keepdim((0, 2, 3))?;
-            let centred = x.broadcast_sub(&mean)?;
-            let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
-            let n = (b * h * w) as f64;
-            let unbiased = if n > 1.0 {
-                (var.detach() * (n / (n - 1.0)))?
-            } else {
-                var.detach()
+            let mean = y.mean_keepdim((0, 2, 3))?;
+            let var = y.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
+            let f64s = |t: &Tensor| -> Result<Vec<f64>> {
+                Ok(t.detach()
+                    .flatten_all()?
+                    .to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?)
             };
-            let m = BN_MOMENTUM;
-            let rm = ((self.running_mean.as_tensor() * (1.0 - m))?
-                + (mean.detach().flatten_all()? * m)?)?;
-            let rv =
-                ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased.flatten_all()? * m)?)?;
-            self.running_mean.set(&rm)?;
-            self.running_var.set(&rv)?;
+            self.update_running(&f64s(&mean)?, &f64s(&var)?, b * h * w)?;
             (mean, var)
         } else {
             (
-                self.running_mean.reshape((1, c, 1, 1))?,
-                self.running_var.reshape((1, c, 1, 1))?,
+                self.running_mean.reshape(shape)?,
+                self.running_var.reshape(shape)?,
             )
         };
-        let xhat = x
+        let y = y
             .broadcast_sub(&mean)?
-            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
-        Ok(xhat
-            .broadcast_mul(&self.bn_weight.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&self.bn_bias.reshape((1, c, 1, 1))?)?)
+            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?
+            .broadcast_mul(&self.bn_weight.reshape(shape)?)?
+            .broadcast_add(&self.bn_bias.reshape(shape)?)?
+            .relu()?;
+        max_pool2x2(&y)
+    }
+
+    /// BatchNorm2d's running estimates move towards the batch's mean and unbiased variance
+    /// (`n` values per channel) by `BN_MOMENTUM`, as PyTorch.
+    fn update_running(&self, mean: &[f64], var: &[f64], n: usize) -> Result<()> {
+        let m = BN_MOMENTUM;
+        let n = n as f64;
+        let unbiased = |v: f64| if n > 1.0 { v * n / (n - 1.0) } else { v };
+        let blend = |running: &Var, batch: Vec<f64>| -> Result<()> {
+            let old = running.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let new: Vec<f64> = old
+                .iter()
+                .zip(&batch)
+                .map(|(o, b)| (1.0 - m) * o + m * b)
+                .collect();
+            let t = Tensor::from_vec(new, old.len(), running.device())?;
+            running.set(&t.to_dtype(running.dtype())?)?;
+            Ok(())
+        };
+        blend(&self.running_mean, mean.to_vec())?;
+        blend(
+            &self.running_var,
+            var.iter().map(|&v| unbiased(v)).collect(),
+        )
     }
 }
 
@@ -602,6 +646,25 @@ mod tests {
         assert_eq!(checked, 56 + 57 + 4 + 6 + 26);
     }
 
+    /// The block written with plain candle ops (the fused ops' reference): conv2d + bias,
+    /// BatchNorm2d on the given statistics, ReLU, [`max_pool2x2`].
+    fn reference_block(block: &Block, x: &Tensor, mean: &Tensor, var: &Tensor) -> Tensor {
+        let c = block.conv_bias.dim(0).expect("c");
+        let shape = (1, c, 1, 1);
+        let conv = x
+            .conv2d(&block.conv_weight, 1, 1, 1, 1)
+            .and_then(|y| y.broadcast_add(&block.conv_bias.reshape(shape)?))
+            .expect("conv");
+        let y = conv
+            .broadcast_sub(&mean.reshape(shape).expect("m"))
+            .and_then(|d| d.broadcast_div(&(var.reshape(shape)? + BN_EPS)?.sqrt()?))
+            .and_then(|d| d.broadcast_mul(&block.bn_weight.reshape(shape)?))
+            .and_then(|d| d.broadcast_add(&block.bn_bias.reshape(shape)?))
+            .and_then(|d| d.relu())
+            .expect("bn");
+        max_pool2x2(&y).expect("pool")
+    }
+
     #[test]
     fn batch_norm_train_and_eval_modes() {
         let images = random_images(4, 4, DType::F64, 1);
@@ -615,6 +678,15 @@ mod tests {
         )
         .expect("cnn");
         let block = &cnn.blocks[0];
+        // Non-trivial affine parameters.
+        block
+            .bn_weight
+            .set(&Tensor::new(&[0.5f64, 1.5, -0.7], &Device::Cpu).expect("g"))
+            .expect("set");
+        block
+            .bn_bias
+            .set(&Tensor::new(&[0.1f64, -0.2, 0.3], &Device::Cpu).expect("b"))
+            .expect("set");
         let c = block.conv_weight.as_tensor().clone();
         let conv = images
             .conv2d(&c, 1, 1, 1, 1)
@@ -630,11 +702,16 @@ mod tests {
                 .and_then(|t| t.to_vec1::<f64>())
                 .expect("vec")
         };
+        let close = |a: &[f64], b: &[f64]| {
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+            }
+        };
 
-        // Training mode: batch statistics; output has mean 0, biased variance ~1 per channel.
-        let out = block.norm(&conv, true).expect("train");
-        let out_mean = vec(&out.mean_keepdim((0, 2, 3)).expect("m"));
-        assert!(out_mean.iter().all(|m| m.abs() < 1e-12), "{out_mean:?}");
+        // Training mode: batch statistics.
+        let out = vec(&block.forward(&images, true).expect("train"));
+        close(&out, &vec(&reference_block(block, &images, &mean, &biased)));
         // Running statistics moved 10% towards the batch's mean and unbiased variance (n = 64).
         let n = 4.0 * 16.0;
         let rm = vec(&block.running_mean);
@@ -646,17 +723,15 @@ mod tests {
         }
 
         // Evaluation mode: running statistics, no update, deterministic.
-        let e1 = vec(&block.norm(&conv, false).expect("eval"));
+        let e1 = vec(&block.forward(&images, false).expect("eval"));
         assert_eq!(vec(&block.running_mean), rm);
-        let by_hand = vec(&conv
-            .broadcast_sub(&block.running_mean.reshape((1, 3, 1, 1)).expect("r"))
-            .and_then(|d| {
-                d.broadcast_div(&(block.running_var.reshape((1, 3, 1, 1))? + 1e-5)?.sqrt()?)
-            })
-            .expect("by hand"));
-        for (a, b) in e1.iter().zip(&by_hand) {
-            assert!((a - b).abs() < 1e-12);
-        }
+        let by_hand = reference_block(
+            block,
+            &images,
+            block.running_mean.as_tensor(),
+            block.running_var.as_tensor(),
+        );
+        close(&e1, &vec(&by_hand));
         // With the running statistics equal to the batch's (biased) ones, both modes agree.
         block
             .running_mean
@@ -666,11 +741,9 @@ mod tests {
             .running_var
             .set(&biased.flatten_all().expect("v"))
             .expect("set");
-        let e2 = vec(&block.norm(&conv, false).expect("eval"));
-        let t2 = vec(&block.norm(&conv, true).expect("train"));
-        for (a, b) in e2.iter().zip(&t2) {
-            assert!((a - b).abs() < 1e-10);
-        }
+        let e2 = vec(&block.forward(&images, false).expect("eval"));
+        let t2 = vec(&block.forward(&images, true).expect("train"));
+        close(&e2, &t2);
     }
 
     fn opts() -> TrainOptions {

@@ -70,6 +70,9 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The CPU fast path rejected its input.
+    #[error(transparent)]
+    FastConv(#[from] fastconv::Error),
 }
 
 /// The library's result type.

@@ -10,8 +10,13 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, Var, WithDType,
+};
+use rayon::prelude::*;
 
+use crate::cnn_ops::{axpy, data, dispatch, dot, op_error, Float};
 use crate::config::HeadKind;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -20,6 +25,10 @@ use crate::weights::Weights;
 
 /// Width of the VGG classifier's hidden layers.
 pub const MLP_HIDDEN: usize = 4096;
+
+/// Widest first layer that [`gather_linear`] computes (one dot product per row and output:
+/// right for a linear head's few classes; a 4096-wide MLP layer goes to candle's matmul).
+const GATHER_MAX_OUT: usize = 16;
 
 /// Sub-stream of the caller's generator that draws the dropout masks.
 const DROPOUT_STREAM: u64 = 0x4452_4F50; // "DROP"
@@ -198,12 +207,15 @@ impl Head {
         self.classes
     }
 
-    /// `[n, dim]` -> logits `[n, classes]`; dropout (when `train`) with masks from our Rng.
-    fn forward(&mut self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// Logits `[rows.len(), classes]` of feature rows `rows` of `features` (`[n, dim]`, the
+    /// head's dtype and device); dropout (when `train`) with masks from our Rng.
+    fn forward(&mut self, features: &Tensor, rows: &[usize], train: bool) -> Result<Tensor> {
         let last = self.layers.len() - 1;
-        let mut x = x.clone();
+        let mut x = self.first_layer(features, rows)?;
         for i in 0..=last {
-            x = self.layers[i].forward(&x)?;
+            if i > 0 {
+                x = self.layers[i].forward(&x)?;
+            }
             if i < last {
                 // torchvision's VGG classifier: Linear, ReLU, Dropout, Linear, ReLU, Dropout.
                 x = x.relu()?;
@@ -213,6 +225,18 @@ impl Head {
             }
         }
         Ok(x)
+    }
+
+    /// The first layer on rows `rows` of `features`: [`gather_linear`] on the CPU when the
+    /// layer is narrow (no copy of the rows, no gradient for the features), otherwise the
+    /// rows copied out and candle's matmul.
+    fn first_layer(&self, features: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        let layer = &self.layers[0];
+        if features.device().is_cpu() && layer.weight.dim(0)? <= GATHER_MAX_OUT {
+            gather_linear(features, rows, &layer.weight, &layer.bias)
+        } else {
+            layer.forward(&select_rows(features, rows)?)
+        }
     }
 
     /// Inverted dropout: zeroes each value with probability `dropout`, scales the rest by
@@ -243,13 +267,11 @@ impl Head {
             )));
         }
         let p = self.layers[0].weight.as_tensor();
-        let mut x = features.to_dtype(p.dtype())?.to_device(p.device())?;
-        let last = self.layers.len() - 1;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x)?;
-            if i < last {
-                x = x.relu()?;
-            }
+        let features = features.to_dtype(p.dtype())?.to_device(p.device())?;
+        let rows: Vec<usize> = (0..features.dim(0)?).collect();
+        let mut x = self.first_layer(&features, &rows)?;
+        for layer in &self.layers[1..] {
+            x = layer.forward(&x.relu()?)?;
         }
         Ok(x)
     }
@@ -357,12 +379,16 @@ impl Trainable for Head {
     }
 
     fn train_logits(&mut self, rows: &[usize]) -> Result<Tensor> {
-        let x = select_rows(&self.features, rows)?;
-        self.forward(&x, true)
+        let features = self.features.clone();
+        self.forward(&features, rows, true)
     }
 
     fn eval_logits(&self, rows: &[usize]) -> Result<Tensor> {
-        self.logits_for(&select_rows(&self.features, rows)?)
+        let mut x = self.first_layer(&self.features, rows)?;
+        for layer in &self.layers[1..] {
+            x = layer.forward(&x.relu()?)?;
+        }
+        Ok(x)
     }
 
     fn labels(&self) -> &[usize] {
@@ -371,6 +397,167 @@ impl Trainable for Head {
 
     fn device(&self) -> &Device {
         self.features.device()
+    }
+}
+
+/// `out[r] = features[rows[r]] . weight^T + bias`, without copying the rows out: `features
+/// [n, dim]` (never given a gradient: cached data), `weight [out, dim]`, `bias [out]` ->
+/// `[rows.len(), out]`. Row indices must be in range (checked).
+///
+/// Why not `index_select` + `matmul`: for a linear head, the step is a few passes over the
+/// batch's features, and candle's matmul backward also computes the (unneeded) gradient of
+/// the selected rows (a `[batch, dim]` zeros + matmul + add) besides the copy itself.
+pub(crate) fn gather_linear(
+    features: &Tensor,
+    rows: &[usize],
+    weight: &Tensor,
+    bias: &Tensor,
+) -> Result<Tensor> {
+    let (n, dim) = features.dims2()?;
+    let (out, wdim) = weight.dims2()?;
+    if wdim != dim || bias.dims() != [out] {
+        return Err(Error::Training(format!(
+            "linear layer {:?} + {:?} over features [{n}, {dim}]",
+            weight.dims(),
+            bias.dims()
+        )));
+    }
+    if let Some(r) = rows.iter().find(|&&r| r >= n) {
+        return Err(Error::Training(format!("row {r} of {n} feature rows")));
+    }
+    let op = GatherLinear {
+        rows: rows.to_vec(),
+    };
+    Ok(features
+        .contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?)
+}
+
+/// Forward of [`gather_linear`].
+struct GatherLinear {
+    rows: Vec<usize>,
+}
+
+fn gather_linear_forward<T: Float>(x: &[T], w: &[T], b: &[T], rows: &[usize]) -> Vec<T> {
+    let out = b.len();
+    let dim = w.len() / out.max(1);
+    let mut y = vec![T::from_f64(0.0); rows.len() * out];
+    y.par_chunks_mut(out.max(1))
+        .zip(rows.par_iter())
+        .for_each(|(yr, &r)| {
+            let xr = &x[r * dim..][..dim];
+            for (o, v) in yr.iter_mut().enumerate() {
+                *v = T::from_f64(b[o].to_f64() + dot(xr, &w[o * dim..][..dim]));
+            }
+        });
+    y
+}
+
+/// Packed `[dweight (out * dim) | dbias (out)]`: `dweight[o] = sum_r g[r, o] * x[rows[r]]`,
+/// split over column ranges (no reduction across threads: deterministic).
+fn gather_linear_backward<T: Float>(x: &[T], g: &[T], rows: &[usize], dim: usize) -> Vec<T> {
+    const COLS: usize = 2048;
+    let out = g.len() / rows.len().max(1);
+    let chunks: Vec<Vec<T>> = (0..dim.div_ceil(COLS))
+        .into_par_iter()
+        .map(|c| {
+            let (start, len) = (c * COLS, COLS.min(dim - c * COLS));
+            let mut acc = vec![T::from_f64(0.0); out * len];
+            for (k, &r) in rows.iter().enumerate() {
+                let xr = &x[r * dim + start..][..len];
+                for o in 0..out {
+                    axpy(&mut acc[o * len..][..len], g[k * out + o], xr);
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut packed = vec![T::from_f64(0.0); out * dim + out];
+    for (c, acc) in chunks.iter().enumerate() {
+        let (start, len) = (c * COLS, COLS.min(dim - c * COLS));
+        for o in 0..out {
+            packed[o * dim + start..][..len].copy_from_slice(&acc[o * len..][..len]);
+        }
+    }
+    for o in 0..out {
+        let s: f64 = (0..rows.len()).map(|k| g[k * out + o].to_f64()).sum();
+        packed[out * dim + o] = T::from_f64(s);
+    }
+    packed
+}
+
+impl CustomOp3 for GatherLinear {
+    fn name(&self) -> &'static str {
+        "gather-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = l3.dims().first().copied().unwrap_or(0);
+        dispatch!(s1.dtype(), "gather-linear", T => {
+            let y = gather_linear_forward::<T>(
+                data(s1, l1)?, data(s2, l2)?, data(s3, l3)?, &self.rows,
+            );
+            Ok((T::to_cpu_storage_owned(y), Shape::from((self.rows.len(), out))))
+        })
+    }
+
+    fn bwd(
+        &self,
+        features: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = GatherLinearGrad {
+            rows: self.rows.clone(),
+        };
+        let packed = features.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+        let n = weight.elem_count();
+        let dw = packed.narrow(0, 0, n)?.reshape(weight.shape())?;
+        let db = packed.narrow(0, n, bias.elem_count())?;
+        Ok((None, Some(dw), Some(db)))
+    }
+}
+
+/// `(features, grad)` -> packed `[dweight | dbias]` (see [`gather_linear_backward`]).
+struct GatherLinearGrad {
+    rows: Vec<usize>,
+}
+
+impl CustomOp2 for GatherLinearGrad {
+    fn name(&self) -> &'static str {
+        "gather-linear-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, dim) = l1.shape().dims2()?;
+        let (rows, out) = l2.shape().dims2()?;
+        if rows != self.rows.len() {
+            return Err(op_error(format!(
+                "gather-linear backward: gradient {:?} for {} rows",
+                l2.dims(),
+                self.rows.len()
+            )));
+        }
+        dispatch!(s1.dtype(), "gather-linear backward", T => {
+            let p = gather_linear_backward::<T>(data(s1, l1)?, data(s2, l2)?, &self.rows, dim);
+            Ok((T::to_cpu_storage_owned(p), Shape::from(out * dim + out)))
+        })
     }
 }
 

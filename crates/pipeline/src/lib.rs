@@ -5,6 +5,7 @@
 pub mod backbone;
 pub mod cli;
 pub mod cnn;
+pub mod cnn_ops;
 pub mod config;
 pub mod dataset;
 pub mod device;

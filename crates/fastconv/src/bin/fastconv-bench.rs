@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use fastconv::{Precision, Vgg16Cpu, VGG16_CHANNELS};
+use fastconv::{Precision, Schedule, Vgg16Cpu, VGG16_CHANNELS};
 
 struct Args {
     mode: String,
@@ -24,6 +24,7 @@ struct Args {
     weights: Option<String>,
     secs: f64,
     gemm_only: bool,
+    schedule: Schedule,
 }
 
 fn parse() -> Result<Args, String> {
@@ -40,6 +41,7 @@ fn parse() -> Result<Args, String> {
         weights: None,
         secs: 1.0,
         gemm_only: false,
+        schedule: Schedule::Auto,
     };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -47,6 +49,14 @@ fn parse() -> Result<Args, String> {
         match flag.as_str() {
             "--batch" => args.batch = num(&value)?,
             "--size" => args.size = num(&value)?,
+            "--schedule" => {
+                args.schedule = match value.as_str() {
+                    "auto" => Schedule::Auto,
+                    "rows" => Schedule::Rows,
+                    "images" => Schedule::Images,
+                    other => return Err(format!("unknown schedule {other}")),
+                }
+            }
             "--kernel" => args.gemm_only = value == "gemm",
             "--reps" => args.reps = num(&value)?.max(1),
             "--weights" => args.weights = Some(value),
@@ -78,7 +88,7 @@ fn random(n: usize, scale: f32, seed: u64) -> Vec<f32> {
 }
 
 fn network(args: &Args) -> Result<Vgg16Cpu, String> {
-    let net = network_inner(args)?;
+    let net = network_inner(args)?.with_schedule(args.schedule);
     Ok(if args.gemm_only { net.gemm_only() } else { net })
 }
 
