@@ -3,81 +3,15 @@
 //! `max|diff| / max|ref| <= 1e-5` in f32, and within 1e-2 in bf16.
 //!
 //! The data lives outside the repository; without it the test prints "SKIPPED" and passes,
-//! unless `PIPELINE_REQUIRE_SHARED=1`.
-
-use std::path::{Path, PathBuf};
+//! unless `PIPELINE_REQUIRE_SHARED=1` (see `testkit::shared_dir`).
 
 use fastconv::{Precision, Schedule, Vgg16Cpu};
-
-fn shared() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("PIPELINE_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("PIPELINE_REQUIRE_SHARED=1 but {} not found", dir.display());
-    }
-    eprintln!(
-        "SKIPPED: ../shared not found (looked for {})",
-        dir.display()
-    );
-    None
-}
-
-/// Reads a little-endian f32, C-order `.npy` file (format 1.0 or 2.0): shape and data.
-fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(&bytes[..6], b"\x93NUMPY", "not an .npy file");
-    let (header_len, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        _ => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
-    };
-    let header = std::str::from_utf8(&bytes[start..start + header_len]).expect("ascii header");
-    assert!(
-        header.contains("'descr': '<f4'"),
-        "expected <f4 data: {header}"
-    );
-    assert!(
-        header.contains("'fortran_order': False"),
-        "expected C order: {header}"
-    );
-    let shape_text = header
-        .split("'shape': (")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .expect("shape");
-    let shape: Vec<usize> = shape_text
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().expect("dim"))
-        .collect();
-    let data: Vec<f32> = bytes[start + header_len..]
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    assert_eq!(
-        data.len(),
-        shape.iter().product::<usize>(),
-        "data length vs shape"
-    );
-    (shape, data)
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    let max_ref = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let max_diff = got
-        .iter()
-        .zip(want)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    max_diff / max_ref
-}
+use testkit::{max_relative_error as rel_err, read_npy_f32 as read_npy};
 
 fn check(precision: Precision, bound: f32) {
-    let Some(shared) = shared() else { return };
+    let Some(shared) = testkit::shared_dir("fastconv parity") else {
+        return;
+    };
     let weights = std::fs::read(shared.join("weights/vgg16-oxford-imagenet-features.safetensors"))
         .expect("weights");
     let net = Vgg16Cpu::from_safetensors(&weights, precision).expect("network");
