@@ -148,6 +148,7 @@ macro_rules! multiversion {
         }
     };
 }
+pub(crate) use multiversion;
 
 /// One image of the forward: `yb [cout, h, w] = bias + conv(xb [cin, h, w])`, with `xp` a
 /// zeroed scratch of `cin` padded planes.

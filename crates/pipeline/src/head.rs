@@ -16,7 +16,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::cnn_ops::{axpy, data, dispatch, dot, op_error, Float};
+use crate::cnn_ops::{axpy, data, dispatch, dot, multiversion, op_error, Float};
 use crate::config::HeadKind;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -438,20 +438,48 @@ struct GatherLinear {
     rows: Vec<usize>,
 }
 
+/// One output row: `yr[o] = b[o] + xr . w[o]`.
+#[inline(always)]
+fn gather_row_kernel<T: Float>(xr: &[T], w: &[T], b: &[T], yr: &mut [T]) {
+    let dim = xr.len();
+    for (o, v) in yr.iter_mut().enumerate() {
+        *v = T::from_f64(b[o].to_f64() + dot(xr, &w[o * dim..][..dim]));
+    }
+}
+
+multiversion!(fn gather_row<T>(xr: &[T], w: &[T], b: &[T], yr: &mut [T]) => gather_row_kernel);
+
 fn gather_linear_forward<T: Float>(x: &[T], w: &[T], b: &[T], rows: &[usize]) -> Vec<T> {
     let out = b.len();
     let dim = w.len() / out.max(1);
     let mut y = vec![T::from_f64(0.0); rows.len() * out];
     y.par_chunks_mut(out.max(1))
         .zip(rows.par_iter())
-        .for_each(|(yr, &r)| {
-            let xr = &x[r * dim..][..dim];
-            for (o, v) in yr.iter_mut().enumerate() {
-                *v = T::from_f64(b[o].to_f64() + dot(xr, &w[o * dim..][..dim]));
-            }
-        });
+        .for_each(|(yr, &r)| gather_row(&x[r * dim..][..dim], w, b, yr));
     y
 }
+
+/// Columns `start..start + acc.len() / out` of `dweight`, into `acc [out, len]`.
+#[inline(always)]
+fn grad_columns_kernel<T: Float>(
+    x: &[T],
+    g: &[T],
+    rows: &[usize],
+    dim: usize,
+    start: usize,
+    acc: &mut [T],
+) {
+    let out = g.len() / rows.len().max(1);
+    let len = acc.len() / out.max(1);
+    for (k, &r) in rows.iter().enumerate() {
+        let xr = &x[r * dim + start..][..len];
+        for o in 0..out {
+            axpy(&mut acc[o * len..][..len], g[k * out + o], xr);
+        }
+    }
+}
+
+multiversion!(fn grad_columns<T>(x: &[T], g: &[T], rows: &[usize], dim: usize, start: usize, acc: &mut [T]) => grad_columns_kernel);
 
 /// Packed `[dweight (out * dim) | dbias (out)]`: `dweight[o] = sum_r g[r, o] * x[rows[r]]`,
 /// split over column ranges (no reduction across threads: deterministic).
@@ -463,12 +491,7 @@ fn gather_linear_backward<T: Float>(x: &[T], g: &[T], rows: &[usize], dim: usize
         .map(|c| {
             let (start, len) = (c * COLS, COLS.min(dim - c * COLS));
             let mut acc = vec![T::from_f64(0.0); out * len];
-            for (k, &r) in rows.iter().enumerate() {
-                let xr = &x[r * dim + start..][..len];
-                for o in 0..out {
-                    axpy(&mut acc[o * len..][..len], g[k * out + o], xr);
-                }
-            }
+            grad_columns(x, g, rows, dim, start, &mut acc);
             acc
         })
         .collect();
