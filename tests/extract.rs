@@ -6,7 +6,7 @@
 //! data and weights through `testkit::shared_dir`.
 
 use candle_core::{Device, Tensor};
-use pipeline::config::{Config, OnBadImage};
+use pipeline::config::{Config, ConvAlgorithm, OnBadImage};
 use pipeline::{FeatureStore, Vgg16Features, Weights};
 
 mod common;
@@ -37,10 +37,20 @@ fn parity_with_reference_vgg16_pool5() {
     };
     let weights = Weights::open(shared.join("weights/vgg16-oxford-imagenet-features.safetensors"))
         .expect("weights");
-    let fast = Vgg16Features::load(&weights, &Device::Cpu, candle_core::DType::F32).expect("load");
+    let load = |conv| {
+        Vgg16Features::load(&weights, &Device::Cpu, candle_core::DType::F32, conv).expect("load")
+    };
+    let direct = load(ConvAlgorithm::Direct);
+    let winograd2 = load(ConvAlgorithm::Winograd2x2);
+    let winograd4 = load(ConvAlgorithm::Winograd4x4);
     let candle =
         Vgg16Features::load_candle(&weights, &Device::Cpu, candle_core::DType::F32).expect("load");
-    for (engine, model) in [("fast", &fast), ("candle", &candle)] {
+    for (engine, model) in [
+        ("fast direct", &direct),
+        ("fast winograd2x2", &winograd2),
+        ("fast winograd4x4", &winograd4),
+        ("candle", &candle),
+    ] {
         for image in ["chelsea", "coffee"] {
             let (shape, input) =
                 testkit::read_npy_f32(&shared.join(format!("reference/{image}_vgg16_input.npy")));

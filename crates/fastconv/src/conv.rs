@@ -32,6 +32,20 @@ use rayon::prelude::*;
 
 use crate::bf16::round_slice_bf16;
 use crate::direct;
+use crate::winograd::{self, Tile, Winograd};
+
+/// How a [`Conv3x3`] computes its sums.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// The direct sum of the 9 taps (AVX2 micro-kernel or `gemm` crate): the exact path, only
+    /// the order of additions differs from a plain convolution.
+    #[default]
+    Direct,
+    /// Winograd F(m x m, 3x3) ([`crate::winograd`]): fewer multiplications, a little more
+    /// rounding. Used where the CPU has AVX2+FMA, `cout % 16 == 0`, `cin >= 8` and the layer is
+    /// f32; other layers fall back to [`Algorithm::Direct`].
+    Winograd(Tile),
+}
 
 /// Zero rows after the padded image, read by the junk columns of the last output row.
 pub const SLACK_ROWS: usize = 2;
@@ -116,16 +130,32 @@ pub struct Conv3x3 {
     round_bf16: bool,
     /// Weights for the AVX2 direct kernel ([`crate::direct`]), when it is used.
     direct: Option<Vec<f32>>,
+    /// Transformed weights when the layer runs Winograd (then `weight` and `direct` are empty).
+    winograd: Option<Winograd>,
 }
 
 impl Conv3x3 {
-    /// Repacks PyTorch-layout weights `[cout, cin, 3, 3]` and a `[cout]` bias.
+    /// Repacks PyTorch-layout weights `[cout, cin, 3, 3]` and a `[cout]` bias, for the direct
+    /// (exact) algorithm.
     pub fn new(
         weight_oihw: &[f32],
         bias: &[f32],
         cin: usize,
         cout: usize,
         round_bf16: bool,
+    ) -> crate::Result<Self> {
+        Self::with_algorithm(weight_oihw, bias, cin, cout, round_bf16, Algorithm::Direct)
+    }
+
+    /// Like [`Self::new`] with a choice of algorithm; a layer that Winograd cannot run (see
+    /// [`Algorithm::Winograd`]) uses the direct one.
+    pub fn with_algorithm(
+        weight_oihw: &[f32],
+        bias: &[f32],
+        cin: usize,
+        cout: usize,
+        round_bf16: bool,
+        algorithm: Algorithm,
     ) -> crate::Result<Self> {
         if cin == 0 || cout == 0 {
             return Err(crate::Error::Shape(format!(
@@ -134,6 +164,23 @@ impl Conv3x3 {
         }
         crate::error::check_len("conv weight", cout * cin * 9, weight_oihw.len())?;
         crate::error::check_len("conv bias", cout, bias.len())?;
+        if let Algorithm::Winograd(tile) = algorithm {
+            if !round_bf16
+                && cin >= IM2COL_BELOW
+                && cout.is_multiple_of(direct::BLOCK)
+                && winograd::available()
+            {
+                return Ok(Self {
+                    cin,
+                    cout,
+                    weight: Vec::new(),
+                    bias: bias.to_vec(),
+                    round_bf16,
+                    direct: None,
+                    winograd: Some(Winograd::new(weight_oihw, cin, cout, tile)),
+                });
+            }
+        }
         let mut weight = vec![0.0f32; 9 * cin * cout];
         for o in 0..cout {
             for i in 0..cin {
@@ -159,11 +206,13 @@ impl Conv3x3 {
             bias: bias.to_vec(),
             round_bf16,
             direct,
+            winograd: None,
         })
     }
 
     /// Forces the `gemm` crate path even where the direct AVX2 kernel would run (tests and
-    /// benchmarks compare the two).
+    /// benchmarks compare the two). A Winograd layer is left as it is (it holds only
+    /// transformed weights).
     pub fn gemm_only(mut self) -> Self {
         if let Some(packed) = self.direct.take() {
             self.weight = direct::unpack(&packed, self.cin, self.cout);
@@ -171,9 +220,14 @@ impl Conv3x3 {
         self
     }
 
-    /// Whether this layer runs the direct AVX2 kernel (else the `gemm` crate).
+    /// Whether this layer runs the direct AVX2 kernel (else Winograd or the `gemm` crate).
     pub fn uses_direct_kernel(&self) -> bool {
         self.direct.is_some()
+    }
+
+    /// The Winograd variant this layer runs, if any.
+    pub fn winograd_tile(&self) -> Option<Tile> {
+        self.winograd.as_ref().map(Winograd::tile)
     }
 
     /// Input channels.
@@ -220,6 +274,10 @@ impl Conv3x3 {
         out: &mut [f32],
         parallel: bool,
     ) {
+        if let Some(wg) = &self.winograd {
+            wg.forward_padded(input, h, w, pool, &self.bias, out, parallel);
+            return;
+        }
         let (ho, wo) = output_hw(h, w, pool);
         assert_eq!(input.len(), padded_len(h, w, self.cin), "conv input buffer");
         assert_eq!(

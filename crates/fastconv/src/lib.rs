@@ -62,7 +62,9 @@ pub mod direct;
 pub mod error;
 pub mod reference;
 pub mod vgg;
+pub mod winograd;
 
-pub use conv::{conv3x3_relu_nchw, Conv3x3};
+pub use conv::{conv3x3_relu_nchw, Algorithm, Conv3x3};
 pub use error::{Error, Result};
 pub use vgg::{Precision, Schedule, Vgg16Cpu, VGG16_CHANNELS, VGG16_POOL_AFTER, VGG16_TORCH_INDEX};
+pub use winograd::Tile;

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::bf16::round_slice_bf16;
-use crate::conv::{nchw_to_padded, output_hw, padded_len, padded_to_nchw, Conv3x3};
+use crate::conv::{nchw_to_padded, output_hw, padded_len, padded_to_nchw, Algorithm, Conv3x3};
 use crate::error::{check_len, Error, Result};
 
 /// Arithmetic of the fast path.
@@ -75,7 +75,21 @@ impl Vgg16Cpu {
         W: AsRef<[f32]>,
         B: AsRef<[f32]>,
     {
-        Self::build(params.len(), precision, |i| {
+        Self::new_with(params, precision, Algorithm::Direct)
+    }
+
+    /// Like [`Self::new`] with a choice of convolution algorithm (layers it cannot run, such as
+    /// the 3-channel first one under Winograd, use the direct one).
+    pub fn new_with<W, B>(
+        params: &[(W, B)],
+        precision: Precision,
+        algorithm: Algorithm,
+    ) -> Result<Self>
+    where
+        W: AsRef<[f32]>,
+        B: AsRef<[f32]>,
+    {
+        Self::build(params.len(), precision, algorithm, |i| {
             Ok((params[i].0.as_ref().into(), params[i].1.as_ref().into()))
         })
     }
@@ -85,6 +99,7 @@ impl Vgg16Cpu {
     fn build<'a>(
         count: usize,
         precision: Precision,
+        algorithm: Algorithm,
         get: impl Fn(usize) -> Result<(std::borrow::Cow<'a, [f32]>, std::borrow::Cow<'a, [f32]>)>,
     ) -> Result<Self> {
         if count != VGG16_CHANNELS.len() {
@@ -96,12 +111,13 @@ impl Vgg16Cpu {
         let mut layers = Vec::with_capacity(13);
         for (i, &cout) in VGG16_CHANNELS.iter().enumerate() {
             let (weight, bias) = get(i)?;
-            layers.push(Conv3x3::new(
+            layers.push(Conv3x3::with_algorithm(
                 &weight,
                 &bias,
                 cin,
                 cout,
                 precision == Precision::Bf16,
+                algorithm,
             )?);
             cin = cout;
         }
@@ -115,6 +131,15 @@ impl Vgg16Cpu {
     /// Builds the network from a safetensors file's bytes holding f32
     /// `features.{0,2,5,...,28}.{weight,bias}` (torchvision / timm names).
     pub fn from_safetensors(bytes: &[u8], precision: Precision) -> Result<Self> {
+        Self::from_safetensors_with(bytes, precision, Algorithm::Direct)
+    }
+
+    /// Like [`Self::from_safetensors`] with a choice of convolution algorithm.
+    pub fn from_safetensors_with(
+        bytes: &[u8],
+        precision: Precision,
+        algorithm: Algorithm,
+    ) -> Result<Self> {
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Weights {
             tensor: String::new(),
             message: e.to_string(),
@@ -135,7 +160,7 @@ impl Vgg16Cpu {
                 .collect::<Vec<f32>>()
                 .into())
         };
-        Self::build(VGG16_TORCH_INDEX.len(), precision, |i| {
+        Self::build(VGG16_TORCH_INDEX.len(), precision, algorithm, |i| {
             let index = VGG16_TORCH_INDEX[i];
             Ok((
                 load(format!("features.{index}.weight"))?,

@@ -5,7 +5,7 @@
 //! Bounds: f32 path `max|diff| / max|ref| <= 1e-5` (the exactness bound; observed
 //! ~1e-7); bf16 path `<= 1e-2`.
 
-use fastconv::{conv3x3_relu_nchw, reference, Conv3x3};
+use fastconv::{conv3x3_relu_nchw, reference, Algorithm, Conv3x3, Tile};
 
 /// A small deterministic generator (SplitMix64), so failures reproduce without a `rand` dep.
 struct Rng(u64);
@@ -173,4 +173,89 @@ fn rejects_wrong_lengths() {
     assert!(Conv3x3::new(&[0.0; 27], &[0.0; 2], 3, 1, false).is_err());
     let layer = Conv3x3::new(&[0.0; 27], &[0.0], 3, 1, false).expect("layer");
     assert!(conv3x3_relu_nchw(&layer, &[0.0; 10], 1, 2, 2, false).is_err());
+}
+
+/// One shape under a Winograd variant: the error against the f64 reference, relative to
+/// `max|ref|`, and whether the layer really ran Winograd (else it fell back to direct).
+#[allow(clippy::too_many_arguments)]
+fn winograd_error(
+    rng: &mut Rng,
+    tile: Tile,
+    batch: usize,
+    cin: usize,
+    cout: usize,
+    h: usize,
+    w: usize,
+    pool: bool,
+) -> (f32, bool) {
+    let input = rng.vec(batch * cin * h * w);
+    let weight: Vec<f32> = rng.vec(cout * cin * 9);
+    let bias: Vec<f32> = rng.vec(cout).iter().map(|b| b * 0.5).collect();
+    let layer =
+        Conv3x3::with_algorithm(&weight, &bias, cin, cout, false, Algorithm::Winograd(tile))
+            .expect("layer");
+    let got = conv3x3_relu_nchw(&layer, &input, batch, h, w, pool).expect("winograd conv");
+    let want = reference::conv3x3_relu_nchw(&input, batch, cin, h, w, &weight, &bias, cout, pool);
+    (rel_err(&got, &want), layer.winograd_tile() == Some(tile))
+}
+
+/// Per-variant exactness bounds for random layers (`max|diff| / max|ref|`): F(2x2) uses only
+/// 0, ±1, ±1/2 and stays near the direct sum; F(4x4)'s constants up to 8 cost about a decimal.
+fn winograd_bound(tile: Tile) -> f32 {
+    match tile {
+        Tile::F2x2 => 1e-5,
+        Tile::F4x4 => 1e-4,
+    }
+}
+
+#[test]
+fn winograd_matches_reference_on_random_shapes() {
+    let mut rng = Rng(6);
+    for tile in [Tile::F2x2, Tile::F4x4] {
+        let mut worst = 0.0f32;
+        // Odd sizes and sizes that are not a multiple of the tile (overhanging tiles), 1x1 and
+        // 2x2 images, floor pooling of odd sizes, batch 1 and 7, cin crossing the 8-channel
+        // groups of the input transform, ragged 6-tile groups.
+        for &(batch, cin, cout, h, w, pool) in &[
+            (1, 8, 16, 5, 7, false),
+            (7, 13, 32, 9, 3, true),
+            (1, 130, 48, 11, 13, true),
+            (1, 64, 16, 14, 14, false),
+            (7, 9, 16, 1, 1, false),
+            (1, 16, 16, 2, 2, true),
+            (1, 24, 32, 3, 3, true),
+            (1, 17, 16, 31, 6, false),
+            (2, 32, 64, 28, 28, true),
+            (1, 256, 32, 14, 14, false),
+        ] {
+            let (err, ran) = winograd_error(&mut rng, tile, batch, cin, cout, h, w, pool);
+            assert!(ran, "{tile:?} should run on cin {cin} cout {cout}");
+            println!("{tile:?} batch {batch} cin {cin} cout {cout} {h}x{w} pool {pool}: {err:e}");
+            assert!(
+                err <= winograd_bound(tile),
+                "{tile:?} batch {batch} cin {cin} cout {cout} {h}x{w} pool {pool}: rel err {err:e}"
+            );
+            worst = worst.max(err);
+        }
+        println!(
+            "{tile:?}: worst rel err {worst:e} (bound {:e})",
+            winograd_bound(tile)
+        );
+    }
+}
+
+#[test]
+fn winograd_falls_back_where_it_cannot_run() {
+    // 1 and 3 input channels (below the 8 the transform is worth it for) and cout not a
+    // multiple of 16 run the direct path, and must still be exact.
+    let mut rng = Rng(7);
+    for &(batch, cin, cout, h, w, pool) in &[
+        (1, 1, 16, 9, 7, true),
+        (7, 3, 16, 5, 5, false),
+        (1, 16, 20, 6, 6, false),
+    ] {
+        let (err, ran) = winograd_error(&mut rng, Tile::F2x2, batch, cin, cout, h, w, pool);
+        assert!(!ran, "cin {cin} cout {cout} should fall back");
+        assert!(err <= 1e-5, "fallback cin {cin} cout {cout}: {err:e}");
+    }
 }

@@ -3,12 +3,13 @@
 //! is ever kept.
 //!
 //! Two engines compute the same function: on the CPU in f32, `fastconv` (NHWC, no im2col,
-//! bias/ReLU/pool fused; several times faster than candle's conv2d and a fraction of its
-//! memory); elsewhere (CUDA, reduced precision) candle's conv2d. Both match the reference
-//! features to 1e-5 relative (tests/extract.rs).
+//! bias/ReLU/pool fused, Winograd or direct 3x3 kernels; several times faster than candle's
+//! conv2d and a fraction of its memory); elsewhere (CUDA, reduced precision) candle's conv2d.
+//! Both match the reference features to 1e-5 relative (tests/extract.rs).
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::config::ConvAlgorithm;
 use crate::error::Result;
 use crate::weights::Weights;
 
@@ -57,10 +58,16 @@ pub struct Vgg16Features {
 
 impl Vgg16Features {
     /// Loads `features.{N}.weight` / `.bias` (torchvision / timm names) for `device` and
-    /// `dtype`: the fast path on the CPU in f32, candle's ops otherwise.
-    pub fn load(weights: &Weights, device: &Device, dtype: DType) -> Result<Self> {
+    /// `dtype`: the fast path on the CPU in f32 (with `conv`'s algorithm), candle's ops
+    /// otherwise.
+    pub fn load(
+        weights: &Weights,
+        device: &Device,
+        dtype: DType,
+        conv: ConvAlgorithm,
+    ) -> Result<Self> {
         if device.is_cpu() && dtype == DType::F32 {
-            return Self::load_fast(weights);
+            return Self::load_fast(weights, conv);
         }
         Self::load_candle(weights, device, dtype)
     }
@@ -86,13 +93,14 @@ impl Vgg16Features {
     }
 
     /// The CPU f32 fast path.
-    pub fn load_fast(weights: &Weights) -> Result<Self> {
+    pub fn load_fast(weights: &Weights, conv: ConvAlgorithm) -> Result<Self> {
         let params = Self::read_layers(weights, &Device::Cpu)?
             .into_iter()
             .flatten()
             .map(|(w, b)| Ok((w.flatten_all()?.to_vec1::<f32>()?, b.to_vec1::<f32>()?)))
             .collect::<Result<Vec<_>>>()?;
-        let net = fastconv::Vgg16Cpu::new(&params, fastconv::Precision::F32)?;
+        let net =
+            fastconv::Vgg16Cpu::new_with(&params, fastconv::Precision::F32, conv.to_fastconv())?;
         Ok(Self {
             engine: Engine::Fast(net),
         })

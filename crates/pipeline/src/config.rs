@@ -151,6 +151,8 @@ pub struct ExtractConfig {
     pub out: PathBuf,
     /// Data type of the cached features. Default: f32.
     pub dtype: FeatureDType,
+    /// Convolution algorithm of the CPU f32 engine. Default: winograd2x2.
+    pub conv: ConvAlgorithm,
 }
 
 impl Default for ExtractConfig {
@@ -160,6 +162,32 @@ impl Default for ExtractConfig {
             device: "auto".into(),
             out: "features".into(),
             dtype: FeatureDType::F32,
+            conv: ConvAlgorithm::Winograd2x2,
+        }
+    }
+}
+
+/// How the CPU f32 engine computes VGG16's 3x3 convolutions (`crates/fastconv`). All three
+/// reproduce the reference pool5 features within 1e-5 relative (`crates/fastconv/tests/parity.rs`);
+/// see BENCHMARKS.md for speed and measured error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvAlgorithm {
+    /// The direct sum of the 9 taps (the exact path).
+    Direct,
+    /// Winograd F(2x2, 3x3): 2.25x fewer multiplications, error like the direct path's.
+    Winograd2x2,
+    /// Winograd F(4x4, 3x3): 4x fewer multiplications, ~5e-6 relative error on the features.
+    Winograd4x4,
+}
+
+impl ConvAlgorithm {
+    /// The fastconv algorithm.
+    pub fn to_fastconv(self) -> fastconv::Algorithm {
+        match self {
+            Self::Direct => fastconv::Algorithm::Direct,
+            Self::Winograd2x2 => fastconv::Algorithm::Winograd(fastconv::Tile::F2x2),
+            Self::Winograd4x4 => fastconv::Algorithm::Winograd(fastconv::Tile::F4x4),
         }
     }
 }
@@ -538,6 +566,22 @@ mod tests {
     fn wrong_type_names_the_key() {
         let err = load_str(MINIMAL, &["extract.batch_size=big"]).expect_err("type");
         assert!(err.to_string().contains("extract.batch_size"), "{err}");
+    }
+
+    #[test]
+    fn conv_algorithm_defaults_to_winograd2x2_and_is_checked() {
+        let c = load_str(MINIMAL, &[]).expect("valid");
+        assert_eq!(c.extract.conv, ConvAlgorithm::Winograd2x2);
+        let c = load_str(MINIMAL, &["extract.conv=\"direct\""]).expect("valid");
+        assert_eq!(c.extract.conv, ConvAlgorithm::Direct);
+        assert_eq!(c.extract.conv.to_fastconv(), fastconv::Algorithm::Direct);
+        let c = load_str(MINIMAL, &["extract.conv=\"winograd4x4\""]).expect("valid");
+        assert_eq!(
+            c.extract.conv.to_fastconv(),
+            fastconv::Algorithm::Winograd(fastconv::Tile::F4x4)
+        );
+        let err = load_str(MINIMAL, &["extract.conv=\"fft\""]).expect_err("unknown algorithm");
+        assert!(err.to_string().contains("extract.conv"), "{err}");
     }
 
     #[test]

@@ -197,7 +197,7 @@ pub fn run(config: &Config) -> Result<Summary> {
     );
     let dtype = config.extract.dtype.to_candle();
     let compute_dtype = if device.is_cpu() { DType::F32 } else { dtype };
-    let model = Vgg16Features::load(&plan.weights, &device, compute_dtype)?;
+    let model = Vgg16Features::load(&plan.weights, &device, compute_dtype, config.extract.conv)?;
     let computed = compute_shards(
         &plan,
         &store,

@@ -109,7 +109,7 @@ pub fn run(config: &Config) -> Result<Summary> {
     } else {
         config.extract.dtype.to_candle()
     };
-    let backbone = Vgg16Features::load(&weights, &device, compute)?;
+    let backbone = Vgg16Features::load(&weights, &device, compute, config.extract.conv)?;
     let head = Head::load(&run.join("head.safetensors"), &device)?;
     let prep = &key.preprocessing;
     eprintln!(

@@ -4,7 +4,8 @@
 //! fastconv-bench extract [--batch N] [--size S] [--precision f32|bf16] [--reps R] [--weights FILE]
 //! fastconv-bench profile [--size S] [--precision f32|bf16] [--reps R] [--weights FILE]
 //! fastconv-bench peak    [--secs T]
-//! (extract/profile: --kernel gemm forces the gemm-crate path instead of the AVX2 direct kernel)
+//! (extract/profile: --kernel gemm forces the gemm-crate path instead of the AVX2 direct kernel;
+//! --algorithm direct|winograd2|winograd4 picks the convolution algorithm, default direct)
 //! ```
 //! `extract` prints `RESULT key=value ...` (best of R timed runs after one warm-up);
 //! `profile` prints a per-layer table (batch 1, best of R); `peak` measures the FMA ceiling
@@ -13,7 +14,7 @@
 
 use std::time::Instant;
 
-use fastconv::{Precision, Schedule, Vgg16Cpu, VGG16_CHANNELS};
+use fastconv::{Algorithm, Precision, Schedule, Tile, Vgg16Cpu, VGG16_CHANNELS};
 
 struct Args {
     mode: String,
@@ -25,6 +26,7 @@ struct Args {
     secs: f64,
     gemm_only: bool,
     schedule: Schedule,
+    algorithm: Algorithm,
 }
 
 fn parse() -> Result<Args, String> {
@@ -42,6 +44,7 @@ fn parse() -> Result<Args, String> {
         secs: 1.0,
         gemm_only: false,
         schedule: Schedule::Auto,
+        algorithm: Algorithm::Direct,
     };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -58,6 +61,7 @@ fn parse() -> Result<Args, String> {
                 }
             }
             "--kernel" => args.gemm_only = value == "gemm",
+            "--algorithm" => args.algorithm = parse_algorithm(&value)?,
             "--reps" => args.reps = num(&value)?.max(1),
             "--weights" => args.weights = Some(value),
             "--secs" => args.secs = value.parse().map_err(|e| format!("--secs {value}: {e}"))?,
@@ -72,6 +76,18 @@ fn parse() -> Result<Args, String> {
         }
     }
     Ok(args)
+}
+
+/// `direct`, `winograd2` (F(2x2, 3x3)) or `winograd4` (F(4x4, 3x3)).
+fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
+    match name {
+        "direct" => Ok(Algorithm::Direct),
+        "winograd2" => Ok(Algorithm::Winograd(Tile::F2x2)),
+        "winograd4" => Ok(Algorithm::Winograd(Tile::F4x4)),
+        other => Err(format!(
+            "unknown algorithm {other} (direct, winograd2, winograd4)"
+        )),
+    }
 }
 
 /// Uniform values in [-scale, scale) from a fixed-seed xorshift generator.
@@ -95,7 +111,8 @@ fn network(args: &Args) -> Result<Vgg16Cpu, String> {
 fn network_inner(args: &Args) -> Result<Vgg16Cpu, String> {
     if let Some(path) = &args.weights {
         let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
-        return Vgg16Cpu::from_safetensors(&bytes, args.precision).map_err(|e| e.to_string());
+        return Vgg16Cpu::from_safetensors_with(&bytes, args.precision, args.algorithm)
+            .map_err(|e| e.to_string());
     }
     let mut cin = 3;
     let mut params = Vec::new();
@@ -108,7 +125,7 @@ fn network_inner(args: &Args) -> Result<Vgg16Cpu, String> {
         ));
         cin = cout;
     }
-    Vgg16Cpu::new(&params, args.precision).map_err(|e| e.to_string())
+    Vgg16Cpu::new_with(&params, args.precision, args.algorithm).map_err(|e| e.to_string())
 }
 
 /// CPU seconds (user + system, all threads) this process has used, from `/proc/self/stat`;
@@ -148,7 +165,8 @@ fn extract(args: &Args) -> Result<(), String> {
     let cpu_per_image = (cpu_seconds() - cpu_start) / (args.reps * args.batch) as f64;
     let ips = args.batch as f64 / best;
     println!(
-        "RESULT impl=fastconv precision={:?} batch={} size={} threads={} best_s={:.4} ms_per_image={:.2} images_per_s={:.3} gflops={:.1} cpu_ms_per_image={:.0}",
+        "RESULT impl=fastconv algorithm={:?} precision={:?} batch={} size={} threads={} best_s={:.4} ms_per_image={:.2} images_per_s={:.3} gflops={:.1} cpu_ms_per_image={:.0}",
+        args.algorithm,
         args.precision,
         args.batch,
         args.size,
