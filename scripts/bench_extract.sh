@@ -9,8 +9,9 @@
 #   --batches      batch sizes (default "1 16 128")
 #
 # Prints, from one run: the machine, the measured FMA ceiling, images/s and peak RSS
-# (/usr/bin/time -v) per implementation and batch, the ratio to PyTorch channels_last f32, the
-# fraction of the FMA ceiling, and a per-layer table for the fast path. "CPU ms/image" (user +
+# (/usr/bin/time -v) per implementation and batch (fastconv: Winograd F(2x2) and F(4x4), direct,
+# bf16 numerics), the ratio to PyTorch channels_last f32, the fraction of the FMA ceiling, and
+# per-layer tables for the fast path's three algorithms. "CPU ms/image" (user +
 # system time over the timed runs) is the steadier figure when other jobs share the machine:
 # wall-clock numbers then depend on the share of the cores each run happened to get.
 set -euo pipefail
@@ -82,8 +83,13 @@ reps_for() { case "$1" in 1) echo 5 ;; 16) echo 2 ;; *) echo 1 ;; esac; }
 echo "== throughput (best of N runs after a warm-up run; RSS of the whole process)"
 for b in $BATCHES; do
     reps=$(reps_for "$b")
-    run fastconv-f32 "$BIN" extract --batch "$b" --size "$SIZE" --reps "$reps" --precision f32 "${WEIGHT_ARGS[@]}"
-    run fastconv-bf16 "$BIN" extract --batch "$b" --size "$SIZE" --reps "$reps" --precision bf16 "${WEIGHT_ARGS[@]}"
+    # The default conv algorithm (Winograd F(2x2,3x3)), the faster F(4x4,3x3), the exact direct
+    # kernel, and the bf16-numerics mode (direct kernel).
+    for variant in winograd2:f32 winograd4:f32 direct:f32 direct:bf16; do
+        algo=${variant%%:*} prec=${variant##*:}
+        run "fastconv-$algo-$prec" "$BIN" extract --batch "$b" --size "$SIZE" --reps "$reps" \
+            --algorithm "$algo" --precision "$prec" "${WEIGHT_ARGS[@]}"
+    done
     if [ "$WITH_TORCH" = 1 ]; then
         for mode in plain channels_last bf16; do
             # Without native bf16 (AVX512_BF16 / AMX) PyTorch emulates it at ~7 s per image;
@@ -97,7 +103,9 @@ for b in $BATCHES; do
     fi
 done
 
-echo "== summary (ratio: images/s over PyTorch channels_last f32 at the same batch; ceiling: measured FMA peak ${PEAK} GFLOP/s)"
+echo "== summary (ratio: images/s over PyTorch channels_last f32 at the same batch; GFLOP/s counts"
+echo "   the direct convolution's 30.7 GFLOP per image for every implementation, so Winograd's"
+echo "   'effective' rate can pass the measured FMA ceiling of ${PEAK} GFLOP/s)"
 awk -v peak="$PEAK" '
     function get(key,   i, kv) { for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == key) return kv[2] } return "" }
     { name[NR] = $1; batch[NR] = get("batch"); ips[NR] = get("images_per_s"); gf[NR] = get("gflops"); rss[NR] = get("rss_kb"); cpu[NR] = get("cpu_ms_per_image")
@@ -111,6 +119,8 @@ awk -v peak="$PEAK" '
         }
     }' "$TMP/results"
 
-echo "== per-layer, fastconv f32, batch 1 (best of 3)"
-"$BIN" profile --size "$SIZE" --reps 3 "${WEIGHT_ARGS[@]}"
+for algo in winograd2 winograd4 direct; do
+    echo "== per-layer, fastconv $algo f32, batch 1 (best of 3; GFLOP and GFLOP/s of the direct convolution)"
+    "$BIN" profile --size "$SIZE" --reps 3 --algorithm "$algo" "${WEIGHT_ARGS[@]}"
+done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -9,6 +9,11 @@
 //! layer's padded input.
 //!
 //! # Design
+//! - **Algorithms** ([`Algorithm`], per layer): Winograd F(2x2,3x3) or F(4x4,3x3)
+//!   ([`winograd`]: 2.25x / 4x fewer multiplications, transforms and bias/ReLU/pool fused
+//!   around an AVX2+FMA batched-product kernel), or the direct sum of the 9 taps described
+//!   below (the exact path, and the fallback for layers Winograd does not take: fewer than 8
+//!   input channels, `cout % 16 != 0`, bf16 numerics, no AVX2).
 //! - **Layout**: `[(h + 2) * (w + 2) + 2][c]` per image ([`conv::padded_len`]); borders are zero,
 //!   so padding costs nothing at run time, and NHWC makes the 3 taps of a kernel row one
 //!   contiguous run of `3 * c` floats.
@@ -52,9 +57,12 @@
 //! ```
 //!
 //! # Accuracy
-//! The f32 path only reorders the sums of a direct convolution: against an f64 reference it is
-//! within ~1e-6 of `max|ref|` per layer (`tests/kernels.rs`), and the real VGG16 pool5 features
-//! match PyTorch's at `max|diff| / max|ref|` = 2.7e-7, bound 1e-5 (`tests/parity.rs`).
+//! The direct f32 path only reorders the sums of a direct convolution: against an f64 reference
+//! it is within ~1e-6 of `max|ref|` per layer (`tests/kernels.rs`), and the real VGG16 pool5
+//! features match PyTorch's at `max|diff| / max|ref|` <= 1e-6, bound 1e-5 (`tests/parity.rs`).
+//! Winograd, same tests: F(2x2) within ~1e-6 per random layer (bound 1e-5) and 5e-7 - 8e-7 on
+//! the real features (bound 1e-5, the exact path's); F(4x4) within ~6e-6 per random layer
+//! (bound 1e-4) and 4e-6 - 5e-6 on the real features (bound 1e-4).
 
 pub mod bf16;
 pub mod conv;
