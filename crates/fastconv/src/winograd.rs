@@ -104,9 +104,10 @@ const AT4: [[f32; 6]; 4] = [
     [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
 ];
 
-/// Bytes of transformed input per block of tile rows: about a third of a 32 MB L3, so that the
-/// block, the weights of the layer's deep end (16.8 MB for F2x2 at 512x512) and the output mostly
-/// stay there.
+/// Bytes of transformed input per block of tile rows: a quarter of a 32 MB L3, so that the
+/// block, a deep layer's transformed weights (16.8 MB for F2x2 at 512x512) and the output
+/// mostly stay there. The 28x28 and 14x14 layers fit whole; the 224x224 layer takes 17 of its
+/// 112 tile rows (F2x2) per block.
 const V_BUDGET: usize = 8 << 20;
 
 /// Tiles per work item: their `M` (`tiles x n² x 16` floats, 96 KB / 216 KB) stays in L2
