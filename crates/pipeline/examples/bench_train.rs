@@ -128,6 +128,11 @@ fn head(args: &[String]) -> Res<()> {
 }
 
 fn main() -> Res<()> {
+    // As the pipeline's binaries do (`cli::main`); `BENCH_DEFAULT_MALLOC=1` skips it to show
+    // the difference.
+    if std::env::var_os("BENCH_DEFAULT_MALLOC").is_none() {
+        pipeline::allocator::keep_freed_memory();
+    }
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("cnn") => cnn(&args),

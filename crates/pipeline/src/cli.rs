@@ -82,6 +82,7 @@ pub fn load_config(name: &str, about: &str) -> Result<Option<Config>> {
 /// A binary's whole `main`: parse arguments, load the config, run, print any error and map it
 /// to a non-zero exit code.
 pub fn main(name: &str, about: &str, run: impl FnOnce(&Config) -> Result<()>) -> ExitCode {
+    crate::allocator::keep_freed_memory();
     let result = load_config(name, about).and_then(|c| match c {
         Some(config) => run(&config),
         None => Ok(()),

@@ -2,6 +2,7 @@
 //! one function here. Modules follow the data flow: config -> dataset -> preprocess ->
 //! weights -> backbone -> store (feature cache) -> extract.
 
+pub mod allocator;
 pub mod backbone;
 pub mod cli;
 pub mod cnn;
