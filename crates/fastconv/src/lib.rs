@@ -34,10 +34,11 @@
 //!   over the rayon pool, so a layer's input and output stay in L3 ([`Schedule`] also offers
 //!   whole images per thread).
 //! - **Memory**: two reused ping-pong buffers (13 MB each at 224x224) and no batch-sized
-//!   activations, so peak RSS is the input, the output, the packed weights (one copy, 59 MB)
-//!   and ~30 MB, whatever the batch.
-//! - **Weights** are repacked once, at construction: `[dy][dx][cin][cout]`, and for the direct
-//!   kernel `[cout / 16][dy][dx][cin][16]`.
+//!   activations, so peak RSS is the input, the output, the packed weights (one copy: 59 MB
+//!   direct, 105 MB Winograd F(2x2), 236 MB F(4x4), whose `n²` transformed taps outnumber the 9)
+//!   and ~30 MB (plus Winograd's 8 MB transformed-input block), whatever the batch.
+//! - **Weights** are repacked once, at construction: `[dy][dx][cin][cout]`, for the direct
+//!   kernel `[cout / 16][dy][dx][cin][16]`, for Winograd `[cout / 16][ξ][cin][16]`.
 //! - **bf16** ([`Precision::Bf16`]): weights and activations are rounded to bf16 and products
 //!   accumulated in f32, the numerics of AVX512_BF16's `vdpbf16ps` (features within ~4e-3 of
 //!   f32 on the reference images). The arithmetic is still f32, so it is *not* faster: a
