@@ -131,16 +131,7 @@ impl Head {
         init: Option<&Weights>,
         rng: &mut Rng,
     ) -> Result<Self> {
-        if dim == 0 || classes == 0 {
-            return Err(Error::Training(format!(
-                "a head needs inputs and classes (dim {dim}, classes {classes})"
-            )));
-        }
-        if !(0.0..1.0).contains(&dropout) {
-            return Err(Error::Training(format!(
-                "dropout {dropout} is not in [0, 1)"
-            )));
-        }
+        check_shape(dim, classes, dropout)?;
         let dtype = features.dtype();
         let device = features.device().clone();
         let layers = match kind {
@@ -302,20 +293,37 @@ impl Head {
         let hidden: usize = saved.field("hidden")?;
         let classes: usize = saved.field("classes")?;
         let dropout: f32 = saved.field("dropout")?;
-        let features = Tensor::zeros((0, dim), DType::F32, device)?;
-        // The random values are overwritten by the file's.
-        let mut rng = Rng::new(0);
-        let head = Self::with_hidden(
+        check_shape(dim, classes, dropout)?;
+        // Zero-filled layers of the saved shapes, then the file's values (drawing random
+        // values first would cost seconds for the MLP's 120 million weights).
+        let zeros = |name, inputs: usize, outputs: usize| -> Result<Linear> {
+            Linear::from_tensors(
+                name,
+                Tensor::zeros((outputs, inputs), DType::F32, device)?,
+                Tensor::zeros(outputs, DType::F32, device)?,
+                DType::F32,
+            )
+        };
+        let layers = match kind {
+            HeadKind::Linear => vec![zeros("fc", dim, classes)?],
+            HeadKind::Mlp => vec![
+                zeros("fc1", dim, hidden)?,
+                zeros("fc2", hidden, hidden)?,
+                zeros("fc", hidden, classes)?,
+            ],
+        };
+        let head = Self {
             kind,
             dim,
-            hidden,
             classes,
             dropout,
-            features,
-            Vec::new(),
-            None,
-            &mut rng,
-        )?;
+            layers,
+            features: Tensor::zeros((0, dim), DType::F32, device)?,
+            labels: Vec::new(),
+            // Dropout is off outside training; a loaded head given data to train on again
+            // draws its masks from this fixed stream.
+            rng: Rng::new(0).fork(DROPOUT_STREAM),
+        };
         saved.load_into(&head)?;
         Ok(head)
     }
@@ -326,6 +334,21 @@ impl Head {
             HeadKind::Mlp => self.layers[0].weight.dims()[0],
         }
     }
+}
+
+/// Rejects heads without inputs or classes, and dropout outside `[0, 1)`.
+fn check_shape(dim: usize, classes: usize, dropout: f32) -> Result<()> {
+    if dim == 0 || classes == 0 {
+        return Err(Error::Training(format!(
+            "a head needs inputs and classes (dim {dim}, classes {classes})"
+        )));
+    }
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(Error::Training(format!(
+            "dropout {dropout} is not in [0, 1)"
+        )));
+    }
+    Ok(())
 }
 
 /// `fc1` and `fc2` from timm's VGG `pre_logits` (convolutions 7x7 and 1x1, reshaped to linear
