@@ -244,7 +244,6 @@ impl Winograd {
             // Products and output transform, one (channel block, tile range) per item.
             let sub = sub_tiles(self.tile);
             let ranges = tiles.div_ceil(sub);
-            let vblock = SyncPtr(v.as_mut_ptr());
             for_each(ranges * (cout / BLOCK), parallel, |item| {
                 let (s, j) = (item / (cout / BLOCK), item % (cout / BLOCK));
                 let t0 = s * sub;

@@ -44,6 +44,29 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     }
 }
 
+/// Random input, weights and bias (drawn in that order), the layer `build` makes from the
+/// weights and bias, and its error against the reference: `max|diff| / max|ref|`.
+#[allow(clippy::too_many_arguments)]
+fn random_layer_error(
+    rng: &mut Rng,
+    batch: usize,
+    cin: usize,
+    cout: usize,
+    h: usize,
+    w: usize,
+    pool: bool,
+    build: impl FnOnce(&[f32], &[f32]) -> Conv3x3,
+) -> (f32, Conv3x3) {
+    let input = rng.vec(batch * cin * h * w);
+    let weight: Vec<f32> = rng.vec(cout * cin * 9);
+    // A positive bias shift keeps about half the ReLU outputs alive.
+    let bias: Vec<f32> = rng.vec(cout).iter().map(|b| b * 0.5).collect();
+    let layer = build(&weight, &bias);
+    let got = conv3x3_relu_nchw(&layer, &input, batch, h, w, pool).expect("fast conv");
+    let want = reference::conv3x3_relu_nchw(&input, batch, cin, h, w, &weight, &bias, cout, pool);
+    (rel_err(&got, &want), layer)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn check(
     rng: &mut Rng,
@@ -73,17 +96,14 @@ fn check_kernel(
     bf16: bool,
     gemm_only: bool,
 ) {
-    let input = rng.vec(batch * cin * h * w);
-    let weight: Vec<f32> = rng.vec(cout * cin * 9);
-    // A positive bias shift keeps about half the ReLU outputs alive.
-    let bias: Vec<f32> = rng.vec(cout).iter().map(|b| b * 0.5).collect();
-    let mut layer = Conv3x3::new(&weight, &bias, cin, cout, bf16).expect("layer");
-    if gemm_only {
-        layer = layer.gemm_only();
-    }
-    let got = conv3x3_relu_nchw(&layer, &input, batch, h, w, pool).expect("fast conv");
-    let want = reference::conv3x3_relu_nchw(&input, batch, cin, h, w, &weight, &bias, cout, pool);
-    let err = rel_err(&got, &want);
+    let (err, layer) = random_layer_error(rng, batch, cin, cout, h, w, pool, |weight, bias| {
+        let layer = Conv3x3::new(weight, bias, cin, cout, bf16).expect("layer");
+        if gemm_only {
+            layer.gemm_only()
+        } else {
+            layer
+        }
+    });
     let bound = if bf16 { 1e-2 } else { 1e-5 };
     assert!(
         err <= bound,
@@ -188,15 +208,11 @@ fn winograd_error(
     w: usize,
     pool: bool,
 ) -> (f32, bool) {
-    let input = rng.vec(batch * cin * h * w);
-    let weight: Vec<f32> = rng.vec(cout * cin * 9);
-    let bias: Vec<f32> = rng.vec(cout).iter().map(|b| b * 0.5).collect();
-    let layer =
-        Conv3x3::with_algorithm(&weight, &bias, cin, cout, false, Algorithm::Winograd(tile))
-            .expect("layer");
-    let got = conv3x3_relu_nchw(&layer, &input, batch, h, w, pool).expect("winograd conv");
-    let want = reference::conv3x3_relu_nchw(&input, batch, cin, h, w, &weight, &bias, cout, pool);
-    (rel_err(&got, &want), layer.winograd_tile() == Some(tile))
+    let (err, layer) = random_layer_error(rng, batch, cin, cout, h, w, pool, |weight, bias| {
+        Conv3x3::with_algorithm(weight, bias, cin, cout, false, Algorithm::Winograd(tile))
+            .expect("layer")
+    });
+    (err, layer.winograd_tile() == Some(tile))
 }
 
 /// Per-variant exactness bounds for random layers (`max|diff| / max|ref|`): F(2x2) uses only

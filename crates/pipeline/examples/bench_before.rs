@@ -86,34 +86,27 @@ fn cnn_step(args: &[String]) -> Res<()> {
     let (w1, b1, g1, be1) = (var(&[4, 3, 3, 3], 2, 0.5)?, zeros(4)?, ones(4)?, zeros(4)?);
     let (w2, b2, g2, be2) = (var(&[4, 4, 3, 3], 3, 0.5)?, zeros(4)?, ones(4)?, zeros(4)?);
     let (lw, lb) = (var(&[2, 4 * 56 * 56], 4, 0.01)?, zeros(2)?);
-    let (mut fwd, mut bwd) = (f64::INFINITY, f64::INFINITY);
-    for _ in 0..2 {
-        let t0 = Instant::now();
+    time_steps("candle", &y, || {
         let h = block(&x, &w1, &b1, &g1, &be1)?;
         let h = block(&h, &w2, &b2, &g2, &be2)?.flatten_from(1)?;
-        let logits = h
-            .matmul(&lw.as_tensor().t()?)?
-            .broadcast_add(lb.as_tensor())?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-        let _ = loss.to_scalar::<f32>()?;
-        let t1 = Instant::now();
-        let _grads = loss.backward()?;
-        let t2 = Instant::now();
-        fwd = fwd.min((t1 - t0).as_secs_f64());
-        bwd = bwd.min((t2 - t1).as_secs_f64());
-    }
-    println!("cnn_step_candle_forward {fwd:.3}");
-    println!("cnn_step_candle_backward {bwd:.3}");
+        Ok(h.matmul(&lw.as_tensor().t()?)?
+            .broadcast_add(lb.as_tensor())?)
+    })?;
 
     // The pipeline's model on the same batch.
     let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
     let mut model = Cnn::new(&[4, 4], 224, 2, x, labels.clone(), &mut Rng::new(2))?;
     let rows: Vec<usize> = (0..batch).collect();
+    time_steps("pipeline", &y, || Ok(model.train_logits(&rows)?))
+}
+
+/// Two training steps (`logits()`, cross-entropy against `y`, backward): prints the best
+/// forward and backward seconds as `cnn_step_{name}_forward` / `_backward`.
+fn time_steps(name: &str, y: &Tensor, mut logits: impl FnMut() -> Res<Tensor>) -> Res<()> {
     let (mut fwd, mut bwd) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..2 {
         let t0 = Instant::now();
-        let logits = model.train_logits(&rows)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let loss = candle_nn::loss::cross_entropy(&logits()?, y)?;
         let _ = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let _grads = loss.backward()?;
@@ -121,8 +114,8 @@ fn cnn_step(args: &[String]) -> Res<()> {
         fwd = fwd.min((t1 - t0).as_secs_f64());
         bwd = bwd.min((t2 - t1).as_secs_f64());
     }
-    println!("cnn_step_pipeline_forward {fwd:.3}");
-    println!("cnn_step_pipeline_backward {bwd:.3}");
+    println!("cnn_step_{name}_forward {fwd:.3}");
+    println!("cnn_step_{name}_backward {bwd:.3}");
     Ok(())
 }
 

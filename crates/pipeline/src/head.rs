@@ -149,17 +149,39 @@ impl Head {
                 vec![fc1, fc2, fc]
             }
         };
-        let head = Self {
+        Self::from_layers(
             kind,
             dim,
             classes,
             dropout,
             layers,
-            features: Tensor::zeros((0, dim), dtype, &device)?,
+            rng.fork(DROPOUT_STREAM),
+        )?
+        .with_data(features, labels)
+    }
+
+    /// A head of these layers without training data; `dropout_rng` draws its dropout masks.
+    /// The layers' dtype and device are the head's.
+    fn from_layers(
+        kind: HeadKind,
+        dim: usize,
+        classes: usize,
+        dropout: f32,
+        layers: Vec<Linear>,
+        dropout_rng: Rng,
+    ) -> Result<Self> {
+        let weight = layers[0].weight.as_tensor();
+        let features = Tensor::zeros((0, dim), weight.dtype(), weight.device())?;
+        Ok(Self {
+            kind,
+            dim,
+            classes,
+            dropout,
+            layers,
+            features,
             labels: Vec::new(),
-            rng: rng.fork(DROPOUT_STREAM),
-        };
-        head.with_data(features, labels)
+            rng: dropout_rng,
+        })
     }
 
     /// The head with other training data (`[n, dim]` features and their labels), converted to
@@ -312,18 +334,10 @@ impl Head {
                 zeros("fc", hidden, classes)?,
             ],
         };
-        let head = Self {
-            kind,
-            dim,
-            classes,
-            dropout,
-            layers,
-            features: Tensor::zeros((0, dim), DType::F32, device)?,
-            labels: Vec::new(),
-            // Dropout is off outside training; a loaded head given data to train on again
-            // draws its masks from this fixed stream.
-            rng: Rng::new(0).fork(DROPOUT_STREAM),
-        };
+        // Dropout is off outside training; a loaded head given data to train on again draws
+        // its masks from this fixed stream.
+        let rng = Rng::new(0).fork(DROPOUT_STREAM);
+        let head = Self::from_layers(kind, dim, classes, dropout, layers, rng)?;
         saved.load_into(&head)?;
         Ok(head)
     }
