@@ -6,6 +6,7 @@
 //! data and weights through `testkit::shared_dir`.
 
 use candle_core::{Device, Tensor};
+use pipeline::backbone::BackboneOptions;
 use pipeline::config::{Config, ConvAlgorithm, OnBadImage};
 use pipeline::{FeatureStore, Vgg16Features, Weights};
 
@@ -38,13 +39,18 @@ fn parity_with_reference_vgg16_pool5() {
     let weights = Weights::open(shared.join("weights/vgg16-oxford-imagenet-features.safetensors"))
         .expect("weights");
     let load = |conv| {
-        Vgg16Features::load(&weights, &Device::Cpu, candle_core::DType::F32, conv).expect("load")
+        let options = BackboneOptions {
+            conv,
+            ..BackboneOptions::default()
+        };
+        Vgg16Features::load(&weights, &Device::Cpu, &options).expect("load")
     };
     let direct = load(ConvAlgorithm::Direct);
     let winograd2 = load(ConvAlgorithm::Winograd2x2);
     let winograd4 = load(ConvAlgorithm::Winograd4x4);
     let candle =
-        Vgg16Features::load_candle(&weights, &Device::Cpu, candle_core::DType::F32).expect("load");
+        Vgg16Features::load_candle(&weights, &Device::Cpu, candle_core::DType::F32, 1 << 30)
+            .expect("load");
     for (engine, model) in [
         ("fast direct", &direct),
         ("fast winograd2x2", &winograd2),

@@ -16,8 +16,8 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
+use pipeline::backbone::BackboneOptions;
 use pipeline::cnn::Cnn;
-use pipeline::config::ConvAlgorithm;
 use pipeline::rng::Rng;
 use pipeline::train::Trainable;
 use pipeline::{Vgg16Features, Weights};
@@ -37,13 +37,9 @@ fn extract(args: &[String]) -> Res<()> {
     );
     let weights = Weights::open(path.into())?;
     let x = Tensor::from_vec(random(n * 3 * 224 * 224, 1), (n, 3, 224, 224), &Device::Cpu)?;
-    let candle = Vgg16Features::load_candle(&weights, &Device::Cpu, DType::F32)?;
-    let fast = Vgg16Features::load(
-        &weights,
-        &Device::Cpu,
-        DType::F32,
-        ConvAlgorithm::Winograd2x2,
-    )?;
+    // A workspace as large as the whole batch's columns: candle's conv2d as it comes.
+    let candle = Vgg16Features::load_candle(&weights, &Device::Cpu, DType::F32, usize::MAX)?;
+    let fast = Vgg16Features::load(&weights, &Device::Cpu, &BackboneOptions::default())?;
     for (name, model) in [("candle_conv2d", &candle), ("fastconv_winograd2x2", &fast)] {
         let start = Instant::now();
         let _ = model.forward(&x)?;

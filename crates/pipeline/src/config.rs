@@ -153,6 +153,11 @@ pub struct ExtractConfig {
     pub dtype: FeatureDType,
     /// Convolution algorithm of the CPU f32 engine. Default: winograd2x2.
     pub conv: ConvAlgorithm,
+    /// Arithmetic of the backbone's forward pass. Default: f32.
+    pub compute: ComputePrecision,
+    /// Largest im2col buffer, in MiB, one convolution of the candle (GPU) engine may allocate:
+    /// the batch is cut into slices that fit. Default: 1024.
+    pub conv_workspace_mb: usize,
 }
 
 impl Default for ExtractConfig {
@@ -163,6 +168,45 @@ impl Default for ExtractConfig {
             out: "features".into(),
             dtype: FeatureDType::F32,
             conv: ConvAlgorithm::Winograd2x2,
+            compute: ComputePrecision::F32,
+            conv_workspace_mb: 1024,
+        }
+    }
+}
+
+/// The arithmetic of the backbone's forward pass, whatever the stored `dtype`. Part of the
+/// cache key: reduced precision changes the features (cosine >= 0.999 of f32's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputePrecision {
+    /// IEEE f32 everywhere (on CUDA with TF32 tensor-core GEMMs off).
+    #[default]
+    F32,
+    /// f32 tensors with TF32 GEMMs (CUDA only; ~1e-3 relative error, several times faster).
+    Tf32,
+    /// f16 weights and activations (CUDA only).
+    F16,
+    /// bf16 weights and activations (CUDA; on the CPU, bf16 rounding with f32 accumulation).
+    Bf16,
+}
+
+impl ComputePrecision {
+    /// The candle dtype of weights and activations.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 | Self::Tf32 => candle_core::DType::F32,
+            Self::F16 => candle_core::DType::F16,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
+    /// The config spelling ("f32", "tf32", "f16", "bf16").
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Tf32 => "tf32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
         }
     }
 }
@@ -426,6 +470,9 @@ impl Config {
         }
         if self.extract.batch_size == 0 {
             return bad("extract.batch_size", "must be at least 1");
+        }
+        if self.extract.conv_workspace_mb == 0 {
+            return bad("extract.conv_workspace_mb", "must be at least 1");
         }
         crate::device::DeviceChoice::parse(&self.extract.device)?;
         let v = self.split.val_fraction;

@@ -1,4 +1,8 @@
 //! Choosing where the tensors live: `auto`, `cpu` or `cuda:N` from the config.
+//!
+//! `auto` never fails: it uses the first GPU when this binary was built with the `cuda` feature
+//! and one is usable, and otherwise the CPU, saying why. `cuda:N` is a promise the user asked
+//! for, so when it cannot be kept the run stops with an error that says what is missing.
 
 use candle_core::Device;
 
@@ -11,6 +15,14 @@ pub enum DeviceChoice {
     Auto,
     Cpu,
     Cuda(usize),
+}
+
+/// An opened device and, when `auto` fell back to the CPU, the reason (for the log).
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub device: Device,
+    /// Why `auto` did not pick a GPU; `None` when nothing was given up.
+    pub fallback: Option<String>,
 }
 
 impl DeviceChoice {
@@ -32,31 +44,95 @@ impl DeviceChoice {
         }
     }
 
-    /// Opens the device. `auto` never fails: without CUDA it falls back to the CPU.
-    pub fn open(self) -> Result<Device> {
+    /// Opens the device. `auto` falls back to the CPU (the reason is in [`Opened::fallback`]);
+    /// `cuda:N` that cannot be opened is [`Error::Device`].
+    pub fn open(self) -> Result<Opened> {
         match self {
-            Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda(n) => {
-                if !candle_core::utils::cuda_is_available() {
-                    return Err(Error::InvalidValue {
-                        key: "extract.device".into(),
-                        message: "cuda requested, but this binary was built without the `cuda` \
-                                  feature (cargo run --features cuda ...)"
-                            .into(),
-                    });
-                }
-                Ok(Device::new_cuda(n)?)
-            }
-            Self::Auto => {
-                if candle_core::utils::cuda_is_available() {
-                    if let Ok(d) = Device::new_cuda(0) {
-                        return Ok(d);
-                    }
-                }
-                Ok(Device::Cpu)
-            }
+            Self::Cpu => Ok(Opened {
+                device: Device::Cpu,
+                fallback: None,
+            }),
+            Self::Cuda(n) => match open_cuda(n) {
+                Ok(device) => Ok(Opened {
+                    device,
+                    fallback: None,
+                }),
+                Err(reason) => Err(Error::Device {
+                    device: format!("cuda:{n}"),
+                    message: reason,
+                }),
+            },
+            Self::Auto => Ok(match open_cuda(0) {
+                Ok(device) => Opened {
+                    device,
+                    fallback: None,
+                },
+                Err(reason) => Opened {
+                    device: Device::Cpu,
+                    fallback: Some(reason),
+                },
+            }),
         }
     }
+
+    /// Opens the device and prints one line about the choice on behalf of `program`
+    /// (`"extract: device auto: no usable GPU (...): using the CPU"`).
+    pub fn open_logged(self, program: &str) -> Result<Device> {
+        let opened = self.open()?;
+        if let Some(reason) = &opened.fallback {
+            eprintln!("{program}: device auto: {reason}: using the CPU");
+        }
+        Ok(opened.device)
+    }
+}
+
+/// Opens GPU `n`, or says why not. Never panics: a driver library that misbehaves inside
+/// candle/cudarc (they panic on some driver errors) is caught and reported as a reason.
+fn open_cuda(n: usize) -> std::result::Result<Device, String> {
+    if !cfg!(feature = "cuda") {
+        return Err(
+            "this binary was built without CUDA (rebuild with `--features cuda`, \
+                    or run scripts/build_cuda.sh)"
+                .into(),
+        );
+    }
+    // A panic inside the driver bindings must not print a backtrace in the middle of the log:
+    // silence the hook while we try, then restore it.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(|| Device::new_cuda(n));
+    std::panic::set_hook(hook);
+    match result {
+        Ok(Ok(device)) => Ok(device),
+        Ok(Err(e)) => Err(cuda_reason(n, &e.to_string())),
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown error".into());
+            Err(cuda_reason(n, &text))
+        }
+    }
+}
+
+/// A user-facing reason from a CUDA error text: the driver's error names are cryptic, so the
+/// common ones get a plain explanation in front.
+fn cuda_reason(n: usize, error: &str) -> String {
+    let hint = if error.contains("NO_DEVICE") {
+        "no CUDA GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+    } else if error.contains("INVALID_DEVICE") {
+        "there is no GPU with that index"
+    } else if error.contains("STUB_LIBRARY") {
+        "libcuda.so.1 is the CUDA toolkit's link stub, not an NVIDIA driver"
+    } else if error.contains("INSUFFICIENT_DRIVER") || error.contains("COMPAT_NOT_SUPPORTED") {
+        "the NVIDIA driver is older than the CUDA version this binary was built for"
+    } else if error.contains("NOT_INITIALIZED") || error.contains("DEINITIALIZED") {
+        "the NVIDIA driver could not be initialised"
+    } else {
+        "CUDA GPU not usable"
+    };
+    format!("cuda:{n}: {hint} ({error})")
 }
 
 /// A short human name for log lines: "cpu" or "cuda:0".
@@ -77,6 +153,10 @@ mod tests {
         assert_eq!(DeviceChoice::parse("auto").ok(), Some(DeviceChoice::Auto));
         assert_eq!(DeviceChoice::parse("cpu").ok(), Some(DeviceChoice::Cpu));
         assert_eq!(
+            DeviceChoice::parse("cuda").ok(),
+            Some(DeviceChoice::Cuda(0))
+        );
+        assert_eq!(
             DeviceChoice::parse("cuda:1").ok(),
             Some(DeviceChoice::Cuda(1))
         );
@@ -85,10 +165,62 @@ mod tests {
     }
 
     #[test]
-    fn auto_falls_back_to_cpu_without_cuda() {
-        let d = DeviceChoice::Auto.open().expect("auto never fails");
-        if !candle_core::utils::cuda_is_available() {
-            assert!(d.is_cpu());
+    fn cpu_is_always_cpu_without_a_note() {
+        let o = DeviceChoice::Cpu.open().expect("cpu opens");
+        assert!(o.device.is_cpu());
+        assert!(o.fallback.is_none());
+    }
+
+    /// Without the `cuda` feature (CI, and this test build): `auto` falls back and says why,
+    /// `cuda` is an error that names the device and how to get a CUDA build.
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn without_cuda_auto_falls_back_and_cuda_is_a_clear_error() {
+        let o = DeviceChoice::Auto.open().expect("auto never fails");
+        assert!(o.device.is_cpu());
+        let reason = o.fallback.expect("auto says why it is on the CPU");
+        assert!(reason.contains("without CUDA"), "{reason}");
+        let err = DeviceChoice::Cuda(0)
+            .open()
+            .expect_err("cuda is not built in");
+        let text = err.to_string();
+        assert!(text.contains("cuda:0"), "{text}");
+        assert!(text.contains("--features cuda"), "{text}");
+        assert!(text.contains("build_cuda.sh"), "{text}");
+    }
+
+    /// With the `cuda` feature on a machine without a usable GPU (the build machine, or the
+    /// stub driver): the same contract, whatever the driver says.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn with_cuda_auto_never_fails() {
+        let o = DeviceChoice::Auto.open().expect("auto never fails");
+        if o.device.is_cpu() {
+            let reason = o.fallback.expect("auto says why it is on the CPU");
+            assert!(reason.starts_with("cuda:0: "), "{reason}");
+            let err = DeviceChoice::Cuda(0).open().expect_err("no usable GPU");
+            assert!(err.to_string().contains("cuda:0"), "{err}");
         }
+    }
+
+    #[test]
+    fn driver_errors_get_a_plain_reason() {
+        let r = cuda_reason(
+            0,
+            "DriverError(CUDA_ERROR_NO_DEVICE, \"no CUDA-capable device\")",
+        );
+        assert!(r.contains("no CUDA GPU is visible"), "{r}");
+        let r = cuda_reason(
+            2,
+            "DriverError(CUDA_ERROR_INVALID_DEVICE, \"invalid device\")",
+        );
+        assert!(
+            r.starts_with("cuda:2: there is no GPU with that index"),
+            "{r}"
+        );
+        let r = cuda_reason(0, "DriverError(CUDA_ERROR_STUB_LIBRARY, \"stub\")");
+        assert!(r.contains("link stub"), "{r}");
+        let r = cuda_reason(0, "something else");
+        assert!(r.contains("not usable (something else)"), "{r}");
     }
 }

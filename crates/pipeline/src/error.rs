@@ -67,6 +67,9 @@ pub enum Error {
     /// Training could not go on (NaN loss, classes missing from training, ...).
     #[error("training: {0}")]
     Training(String),
+    /// The configured device cannot be used (no CUDA build, no driver, no GPU).
+    #[error("device {device}: {message}")]
+    Device { device: String, message: String },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -11,7 +11,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use crate::backbone::Vgg16Features;
+use crate::backbone::{BackboneOptions, Vgg16Features};
 use crate::config::{Config, OnBadImage};
 use crate::dataset::{content_hashes, hex, Dataset};
 use crate::device::{describe, DeviceChoice};
@@ -61,6 +61,7 @@ impl Plan {
             weights_sha256: weights.sha256.clone(),
             preprocessing: preprocessing.clone(),
             dtype: format!("{:?}", config.extract.dtype).to_lowercase(),
+            compute: config.extract.compute.name().into(),
             shard_rows: config.extract.batch_size,
         };
         Ok(Self {
@@ -183,31 +184,16 @@ pub fn run(config: &Config) -> Result<Summary> {
     };
     store.write_manifest(&manifest)?;
 
-    let device = DeviceChoice::parse(&config.extract.device)?.open()?;
+    let device = DeviceChoice::parse(&config.extract.device)?.open_logged("extract")?;
     let device_name = describe(&device);
     eprintln!(
-        "extract: {} images in {} shards to compute on {device_name}{}",
+        "extract: {} images in {} shards to compute on {device_name}",
         todo.iter().map(|&i| shard_len(key, i)).sum::<usize>(),
         todo.len(),
-        if device.is_cpu() && !cfg!(feature = "cuda") {
-            " (built without cuda)"
-        } else {
-            ""
-        }
     );
+    let model = load_backbone(&plan.weights, &device, config)?;
     let dtype = config.extract.dtype.to_candle();
-    let compute_dtype = if device.is_cpu() { DType::F32 } else { dtype };
-    let model = Vgg16Features::load(&plan.weights, &device, compute_dtype, config.extract.conv)?;
-    let computed = compute_shards(
-        &plan,
-        &store,
-        &todo,
-        config,
-        &model,
-        &device,
-        compute_dtype,
-        dtype,
-    )?;
+    let computed = compute_shards(&plan, &store, &todo, config, &model, &device, dtype)?;
 
     // Gather the final counts from the shards themselves, the single source of truth.
     let mut count = 0;
@@ -236,6 +222,15 @@ fn shard_len(key: &CacheKey, index: usize) -> usize {
     key.shard_rows.min(key.rows - index * key.shard_rows)
 }
 
+/// The backbone as `[extract]` configures it, on `device`.
+pub fn load_backbone(weights: &Weights, device: &Device, config: &Config) -> Result<Vgg16Features> {
+    Vgg16Features::load(
+        weights,
+        device,
+        &BackboneOptions::from_config(&config.extract),
+    )
+}
+
 /// One decoded batch: (shard index, per row: dataset row and decoded pixels or error).
 type Decoded = (usize, Vec<(usize, Result<Vec<f32>>)>);
 
@@ -248,7 +243,6 @@ fn compute_shards(
     config: &Config,
     model: &Vgg16Features,
     device: &Device,
-    compute_dtype: DType,
     store_dtype: DType,
 ) -> Result<usize> {
     let key = &plan.key;
@@ -310,7 +304,7 @@ fn compute_shards(
                 Tensor::zeros((0, dim), store_dtype, &Device::Cpu)?
             } else {
                 let s = prep.input_size as usize;
-                let x = Tensor::from_vec(pixels, (n, 3, s, s), device)?.to_dtype(compute_dtype)?;
+                let x = Tensor::from_vec(pixels, (n, 3, s, s), device)?;
                 model
                     .forward(&x)?
                     .to_dtype(store_dtype)?

@@ -9,9 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use crate::backbone::Vgg16Features;
+use crate::backbone::{BackboneOptions, Vgg16Features};
 use crate::config::{Config, OnBadImage};
 use crate::dataset::Dataset;
 use crate::device::{describe, DeviceChoice};
@@ -103,13 +103,14 @@ pub fn run(config: &Config) -> Result<Summary> {
         &config.data.image_column,
     )?;
 
-    let device = DeviceChoice::parse(&config.extract.device)?.open()?;
-    let compute = if device.is_cpu() {
-        DType::F32
-    } else {
-        config.extract.dtype.to_candle()
+    let device = DeviceChoice::parse(&config.extract.device)?.open_logged("predict")?;
+    // The head was trained on features of the run's arithmetic; the rest (CPU algorithm, GPU
+    // memory bound) is this machine's business.
+    let options = BackboneOptions {
+        compute: trained.extract.compute,
+        ..BackboneOptions::from_config(&config.extract)
     };
-    let backbone = Vgg16Features::load(&weights, &device, compute, config.extract.conv)?;
+    let backbone = Vgg16Features::load(&weights, &device, &options)?;
     let head = Head::load(&run.join("head.safetensors"), &device)?;
     let prep = &key.preprocessing;
     eprintln!(
@@ -142,7 +143,7 @@ pub fn run(config: &Config) -> Result<Summary> {
         }
         if !ids.is_empty() {
             let s = prep.input_size as usize;
-            let x = Tensor::from_vec(pixels, (ids.len(), 3, s, s), &device)?.to_dtype(compute)?;
+            let x = Tensor::from_vec(pixels, (ids.len(), 3, s, s), &device)?;
             let features = backbone.forward(&x)?;
             let probs = head_probabilities(&head, &features)?;
             rows.extend(ids.into_iter().zip(probs));

@@ -44,6 +44,9 @@ pub struct CacheKey {
     pub preprocessing: Preprocessing,
     /// "f32", "f16" or "bf16".
     pub dtype: String,
+    /// The forward pass's arithmetic: "f32", "tf32", "f16" or "bf16".
+    #[serde(default = "f32_name")]
+    pub compute: String,
     /// Rows per shard (the extraction batch size).
     pub shard_rows: usize,
 }
@@ -73,6 +76,7 @@ impl CacheKey {
         check(self.weights_sha256 == other.weights_sha256, "weights");
         check(self.preprocessing == other.preprocessing, "preprocessing");
         check(self.dtype == other.dtype, "dtype");
+        check(self.compute == other.compute, "compute");
         check(self.shard_rows == other.shard_rows, "batch_size");
         d
     }
@@ -81,6 +85,11 @@ impl CacheKey {
     pub fn shard_count(&self) -> usize {
         self.rows.div_ceil(self.shard_rows)
     }
+}
+
+/// Caches written before `compute` existed were computed in f32.
+fn f32_name() -> String {
+    "f32".into()
 }
 
 /// An image left out of the cache, with the reason.

@@ -492,7 +492,7 @@ pub fn write_report(config: &Config, run: &Path) -> Result<String> {
 
 /// Training runs where extraction runs: `[extract] device`.
 fn training_device(config: &Config) -> Result<Device> {
-    DeviceChoice::parse(&config.extract.device)?.open()
+    DeviceChoice::parse(&config.extract.device)?.open_logged("train")
 }
 
 /// Probabilities of a head on new feature rows, batched.
