@@ -131,13 +131,19 @@ mod tests {
     fn rejects_what_it_cannot_read_with_a_reason() {
         let mut short = npy("(2, 3)", &[1.0; 6]);
         short.truncate(short.len() - 4);
-        assert!(parse(&short).unwrap_err().contains("needs 24 bytes"));
+        assert!(parse(&short)
+            .expect_err("must be refused")
+            .contains("needs 24 bytes"));
         let mut f8 = npy("(1,)", &[0.0]);
         let at = f8.windows(3).position(|w| w == b"<f4").expect("descr");
         f8[at + 2] = b'8';
-        assert!(parse(&f8).unwrap_err().contains("<f8"));
-        assert!(parse(b"GIF89a....").unwrap_err().contains("magic"));
-        assert!(parse(&npy("(2, x)", &[])).unwrap_err().contains("`x`"));
+        assert!(parse(&f8).expect_err("must be refused").contains("<f8"));
+        assert!(parse(b"GIF89a....")
+            .expect_err("must be refused")
+            .contains("magic"));
+        assert!(parse(&npy("(2, x)", &[]))
+            .expect_err("must be refused")
+            .contains("`x`"));
         // Every truncation of a valid file is an error, never a panic.
         let good = npy("(2, 2)", &[1.0; 4]);
         for n in 0..good.len() {
