@@ -1,14 +1,14 @@
 //! Finite-difference checks of every custom op with a hand-written backward
-//! ([`pipeline::cnn_ops`] and the linear head's gather-linear), in f64 on random shapes: odd
+//! ([`pipeline::ops`]: the CNN's ops and the linear head's gather-linear), in f64 on random shapes: odd
 //! sizes, batch 1 and 5, 1 to 8 channels. The loss is `sum(output * r)` with fixed random `r`,
 //! so every output element's gradient is distinct.
 
 use candle_core::{DType, Device, Tensor, Var};
-use pipeline::cnn_ops::{bn_relu_pool, channel_stats, conv3x3, BnStats};
 use pipeline::config::HeadKind;
-use pipeline::head::Head;
+use pipeline::head::{Head, HeadShape};
+use pipeline::ops::{bn_relu_pool, channel_stats, conv3x3, BnStats};
 use pipeline::rng::Rng;
-use pipeline::train::Trainable;
+use pipeline::train::{Model, Rows};
 
 const H: f64 = 1e-6;
 
@@ -197,23 +197,19 @@ fn linear_head_gradients_match_finite_differences() {
         (9, 33, 8, vec![0, 1, 2, 3, 4]),
     ] {
         let x = random(&[n, dim], &mut rng, -1.0, 1.0);
-        let labels = (0..n).map(|i| i % classes).collect();
-        let mut head = Head::new(
-            HeadKind::Linear,
-            dim,
-            classes,
-            0.0,
-            x.clone(),
-            labels,
-            None,
-            &mut Rng::new(5),
-        )
-        .expect("head");
+        let shape = HeadShape::new(HeadKind::Linear, dim, classes, 0.0);
+        let head =
+            Head::new(&shape, None, &mut Rng::new(5), DType::F64, &Device::Cpu).expect("head");
         let r = random(&[rows.len(), classes], &mut rng, -1.0, 1.0);
-        let out = head.train_logits(&rows).expect("logits");
+        let batch = Rows {
+            data: &x,
+            rows: &rows,
+        };
+        let out = head.forward_t(&batch, true).expect("logits");
         // Same as the plain formula on the selected rows.
-        let state = head.state();
-        let (w, b) = (state[0].1.as_tensor(), state[1].1.as_tensor());
+        let state = head.params().sorted().expect("params");
+        // Sorted by name: fc.bias, fc.weight.
+        let (b, w) = (state[0].1.as_tensor(), state[1].1.as_tensor());
         let ids = Tensor::from_vec(
             rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
             rows.len(),
@@ -232,7 +228,7 @@ fn linear_head_gradients_match_finite_differences() {
             let g = grads.get(&var).expect("gradient");
             // Only the head's parameters get gradients (the cached features none).
             let loss = || {
-                let out = head.eval_logits(&rows).expect("logits");
+                let out = head.forward_t(&batch, false).expect("logits");
                 weighted(&out, &r).to_scalar::<f64>().expect("loss")
             };
             check(&format!("head {n}x{dim}->{classes} {name}"), &var, g, loss);

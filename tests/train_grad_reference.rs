@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use pipeline::cnn::Cnn;
-use pipeline::train::Trainable;
+use pipeline::train::{Model, Rows};
 
 fn data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -48,11 +48,13 @@ fn cnn_gradients_match_pytorch() {
     };
     let labels: Vec<usize> = values(get("labels")).iter().map(|&l| l as usize).collect();
     let n = labels.len();
-    let mut cnn = Cnn::load(&data("cnn_grad_model.safetensors"), &Device::Cpu)
-        .and_then(|c| c.with_data(get("images").clone(), labels.clone()))
-        .expect("model");
+    let cnn = Cnn::load(&data("cnn_grad_model.safetensors"), &Device::Cpu).expect("model");
     let rows: Vec<usize> = (0..n).collect();
-    let logits = cnn.train_logits(&rows).expect("logits");
+    let batch = Rows {
+        data: get("images"),
+        rows: &rows,
+    };
+    let logits = cnn.forward_t(&batch, true).expect("logits");
     assert_close("logits", &logits, get("logits"));
     let y: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
     let y = Tensor::from_vec(y, n, &Device::Cpu).expect("labels");
@@ -60,7 +62,7 @@ fn cnn_gradients_match_pytorch() {
     assert_close("loss", &loss.reshape(1).expect("loss"), get("loss"));
     let grads = loss.backward().expect("backward");
     let mut checked = 0;
-    for (name, var) in cnn.state() {
+    for (name, var) in cnn.params().sorted().expect("params") {
         if name.contains("running") {
             assert_close(&name, var.as_tensor(), get(&format!("after.{name}")));
         } else {

@@ -1,23 +1,22 @@
 //! The training library end to end through its public API: split a labelled set, train both
 //! models with the shared loop, save, load and predict.
 
+use candle_core::DType;
 use candle_core::{Device, Tensor};
-use pipeline::cnn::Cnn;
-use pipeline::config::{HeadKind, Schedule};
-use pipeline::head::Head;
+use pipeline::cnn::{Cnn, CnnShape};
+use pipeline::config::{HeadKind, Schedule, TrainSettings};
+use pipeline::head::{Head, HeadShape};
 use pipeline::rng::Rng;
 use pipeline::split::stratified_split;
-use pipeline::train::{fit, predict, probabilities, TrainOptions, Trainable};
+use pipeline::train::{fit, predict, probabilities, Labelled, TrainOptions};
 
 fn opts(epochs: usize, lr: f64) -> TrainOptions {
     TrainOptions {
-        epochs,
-        batch_size: 16,
-        lr,
-        schedule: Schedule::Cosine,
-        step_size: 10,
-        gamma: 0.1,
-        early_stopping: Some(5),
+        settings: TrainSettings {
+            schedule: Schedule::Cosine,
+            early_stopping: Some(5),
+            ..TrainSettings::new(lr, epochs, 16)
+        },
         seed: 13,
     }
 }
@@ -45,21 +44,22 @@ fn linear_head_learns_and_survives_a_round_trip() {
     let split = stratified_split(&labels, Some(&keys), 0.25, 13).expect("split");
     assert_eq!(split.val.len(), 30);
     let mut rng = Rng::new(13);
-    let mut head = Head::new(
-        HeadKind::Linear,
-        32,
-        3,
-        0.5,
-        x.clone(),
-        labels.clone(),
-        None,
-        &mut rng,
-    )
-    .expect("head");
+    let shape = HeadShape::new(HeadKind::Linear, 32, 3, 0.5);
+    let head = Head::new(&shape, None, &mut rng, DType::F32, &Device::Cpu).expect("head");
     let mut lines = Vec::new();
-    let history = fit(&mut head, &split.train, &split.val, &opts(30, 0.01), |e| {
-        lines.push(serde_json::to_string(e).expect("json"))
-    })
+    let data = Labelled {
+        inputs: &x,
+        labels: &labels,
+    };
+    let history = fit(
+        &head,
+        &data,
+        3,
+        &split.train,
+        &split.val,
+        &opts(30, 0.01),
+        |e| lines.push(serde_json::to_string(e).expect("json")),
+    )
     .expect("fit");
     assert_eq!(lines.len(), history.epochs.len());
     let best = &history.epochs[history.best_epoch - 1];
@@ -69,7 +69,7 @@ fn linear_head_learns_and_survives_a_round_trip() {
     let path = dir.join("head.safetensors");
     head.save(&path).expect("save");
     let loaded = Head::load(&path, &Device::Cpu).expect("load");
-    let rows_probs = predict(&head, &split.val, 7).expect("predict");
+    let rows_probs = predict(&head, &x, &split.val, 7).expect("predict");
     let val_x = x
         .index_select(
             &Tensor::from_vec(
@@ -81,7 +81,7 @@ fn linear_head_learns_and_survives_a_round_trip() {
             0,
         )
         .expect("select");
-    let new_probs = probabilities(&loaded.logits_for(&val_x).expect("logits")).expect("p");
+    let new_probs = probabilities(&loaded.logits(&val_x).expect("logits")).expect("p");
     assert_eq!(rows_probs, new_probs);
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -100,13 +100,21 @@ fn cnn_trains_on_the_same_loop() {
         .collect();
     let images = Tensor::from_vec(px, (n, 3, 16, 16), &Device::Cpu).expect("images");
     let split = stratified_split(&labels, None, 0.25, 13).expect("split");
-    let mut cnn = Cnn::new(&[4, 4], 16, 2, images, labels, &mut Rng::new(13)).expect("cnn");
+    let shape = CnnShape {
+        channels: vec![4, 4],
+        input_size: 16,
+        classes: 2,
+    };
+    let cnn = Cnn::new(&shape, &mut Rng::new(13), DType::F32, &Device::Cpu).expect("cnn");
     let mut o = opts(15, 0.01);
-    o.batch_size = 8;
-    let h = fit(&mut cnn, &split.train, &split.val, &o, |_| {}).expect("fit");
+    o.settings.batch_size = 8;
+    let data = Labelled {
+        inputs: &images,
+        labels: &labels,
+    };
+    let h = fit(&cnn, &data, 2, &split.train, &split.val, &o, |_| {}).expect("fit");
     let first = &h.epochs[0];
     let best = &h.epochs[h.best_epoch - 1];
     assert!(best.val_loss < first.val_loss, "{first:?} {best:?}");
     assert!(h.epochs.last().map(|e| e.train_loss) < Some(first.train_loss));
-    assert_eq!(cnn.labels().len(), n);
 }

@@ -17,9 +17,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use pipeline::backbone::BackboneOptions;
-use pipeline::cnn::Cnn;
+use pipeline::cnn::{Cnn, CnnShape};
 use pipeline::rng::Rng;
-use pipeline::train::Trainable;
+use pipeline::train::{Model, Rows};
 use pipeline::{Vgg16Features, Weights};
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -90,10 +90,18 @@ fn cnn_step(args: &[String]) -> Res<()> {
     })?;
 
     // The pipeline's model on the same batch.
-    let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
-    let mut model = Cnn::new(&[4, 4], 224, 2, x, labels.clone(), &mut Rng::new(2))?;
+    let shape = CnnShape {
+        channels: vec![4, 4],
+        input_size: 224,
+        classes: 2,
+    };
+    let model = Cnn::new(&shape, &mut Rng::new(2), DType::F32, &dev)?;
     let rows: Vec<usize> = (0..batch).collect();
-    time_steps("pipeline", &y, || Ok(model.train_logits(&rows)?))
+    let batch = Rows {
+        data: &x,
+        rows: &rows,
+    };
+    time_steps("pipeline", &y, || Ok(model.forward_t(&batch, true)?))
 }
 
 /// Two training steps (`logits()`, cross-entropy against `y`, backward): prints the best

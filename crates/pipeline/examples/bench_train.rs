@@ -16,11 +16,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use pipeline::cnn::Cnn;
-use pipeline::config::{HeadKind, Schedule};
-use pipeline::head::Head;
+use pipeline::cnn::{Cnn, CnnShape};
+use pipeline::config::{HeadKind, TrainSettings};
+use pipeline::head::{Head, HeadShape};
 use pipeline::rng::Rng;
-use pipeline::train::{fit, TrainOptions, Trainable};
+use pipeline::train::{fit, Labelled, Model, Rows, TrainOptions};
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -47,13 +47,18 @@ fn cnn(args: &[String]) -> Res<()> {
         &Device::Cpu,
     )?;
     let labels: Vec<usize> = (0..n).map(|i| i % 2).collect();
-    let mut model = Cnn::new(&[4, 4], size, 2, images, labels.clone(), &mut Rng::new(2))?;
+    let shape = CnnShape {
+        channels: vec![4, 4],
+        input_size: size,
+        classes: 2,
+    };
+    let model = Cnn::new(&shape, &mut Rng::new(2), DType::F32, &Device::Cpu)?;
     let params = ParamsAdamW {
         lr: 1e-3,
         weight_decay: 0.0,
         ..Default::default()
     };
-    let mut opt = AdamW::new(model.vars(), params)?;
+    let mut opt = AdamW::new(model.params().trainable()?, params)?;
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = Rng::new(3);
     let (mut fwd, mut bwd, mut upd, mut steps) = (0.0, 0.0, 0.0, 0usize);
@@ -63,7 +68,13 @@ fn cnn(args: &[String]) -> Res<()> {
         let start = Instant::now();
         for rows in order.chunks(batch) {
             let t0 = Instant::now();
-            let logits = model.train_logits(rows)?;
+            let logits = model.forward_t(
+                &Rows {
+                    data: &images,
+                    rows,
+                },
+                true,
+            )?;
             let y: Vec<u32> = rows.iter().map(|&r| labels[r] as u32).collect();
             let y = Tensor::from_vec(y, rows.len(), &Device::Cpu)?;
             let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &y)?;
@@ -100,29 +111,19 @@ fn head(args: &[String]) -> Res<()> {
     let epochs = arg(args, 5, 30)?;
     let x = Tensor::from_vec(random(n * dim, 4), (n, dim), &Device::Cpu)?;
     let labels: Vec<usize> = (0..n).map(|i| i % 2).collect();
-    let mut head = Head::new(
-        HeadKind::Linear,
-        dim,
-        2,
-        0.0,
-        x,
-        labels,
-        None,
-        &mut Rng::new(5),
-    )?;
+    let shape = HeadShape::new(HeadKind::Linear, dim, 2, 0.0);
+    let head = Head::new(&shape, None, &mut Rng::new(5), DType::F32, &Device::Cpu)?;
     let opts = TrainOptions {
-        epochs,
-        batch_size: batch,
-        lr: 1e-3,
-        schedule: Schedule::Constant,
-        step_size: 1,
-        gamma: 1.0,
-        early_stopping: None,
+        settings: TrainSettings::new(1e-3, epochs, batch),
         seed: 6,
     };
     let rows: Vec<usize> = (0..n).collect();
+    let data = Labelled {
+        inputs: &x,
+        labels: &labels,
+    };
     let start = Instant::now();
-    fit(&mut head, &rows, &rows[..n / 5], &opts, |_| {})?;
+    fit(&head, &data, 2, &rows, &rows[..n / 5], &opts, |_| {})?;
     println!("head_total {:.3}", start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! model's layers, their PyTorch-like initialisation and batch-norm semantics, the max-pool
 //! (written here because candle's `max_pool2d` backward is wrong), image loading for it, and
 //! its file format. On the CPU a block runs as two custom ops with hand-written backward
-//! passes ([`crate::cnn_ops`]: conv + bias, then BN + ReLU + pool fused), which is what makes
+//! passes ([`crate::ops`]: conv + bias, then BN + ReLU + pool fused), which is what makes
 //! training fast; other devices use the same layers in plain candle ops.
 //!
 //! Saved names: `block{i}.conv.weight` `[out, in, 3, 3]`, `block{i}.conv.bias`,
@@ -15,13 +15,15 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
 
-use crate::cnn_ops::{self, BnStats};
 use crate::config::{ChannelOrder, ResizeMode};
 use crate::error::{Error, Result};
+use crate::ops::{self, BnStats};
+use crate::params::{Params, SavedState};
 use crate::preprocess::Preprocessing;
 use crate::rng::Rng;
-use crate::train::{save_state, select_rows, uniform, SavedState, Trainable};
+use crate::train::{Model, Rows};
 
 /// PyTorch's BatchNorm2d defaults.
 const BN_MOMENTUM: f64 = 0.1;
@@ -62,9 +64,10 @@ pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (h2, w2) = (h / 2, w / 2);
     if h2 == 0 || w2 == 0 {
-        return Err(Error::Training(format!(
-            "cannot max-pool a {h}x{w} map with a 2x2 window"
-        )));
+        return Err(Error::Model {
+            model: "cnn".into(),
+            message: format!("cannot max-pool a {h}x{w} map with a 2x2 window"),
+        });
     }
     let x = if h % 2 == 1 || w % 2 == 1 {
         x.narrow(2, 0, 2 * h2)?.narrow(3, 0, 2 * w2)?
@@ -86,7 +89,7 @@ pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
 
 /// 3x3 convolution, stride 1, zero padding 1: `[b, in, h, w]` with weight `[out, in, 3, 3]`
 /// -> `[b, out, h, w]` (no bias), in plain candle ops: the path for devices other than the
-/// CPU (training on the CPU uses [`cnn_ops::conv3x3`], whose backward is hand-written).
+/// CPU (training on the CPU uses [`ops::conv3x3`], whose backward is hand-written).
 ///
 /// Written as im2col + one batched matmul instead of candle's `conv2d`, whose CPU backward is
 /// what made training slow: it always computes the input's gradient with `conv_transpose2d`
@@ -100,10 +103,13 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (b, cin, h, w) = x.dims4()?;
     let (cout, wcin, kh, kw) = weight.dims4()?;
     if (wcin, kh, kw) != (cin, 3, 3) {
-        return Err(Error::Training(format!(
-            "3x3 convolution of {cin} channels with a weight of shape {:?}",
-            weight.dims()
-        )));
+        return Err(Error::Model {
+            model: "cnn".into(),
+            message: format!(
+                "3x3 convolution of {cin} channels with a weight of shape {:?}",
+                weight.dims()
+            ),
+        });
     }
     // Each image zero-padded to (h + 2) x (w + 2), flattened, plus 2 trailing zeros. Output
     // (i, j) is computed on the padded width (j in 0..w + 2; the last 2 columns are garbage,
@@ -148,31 +154,34 @@ struct Block {
 }
 
 impl Block {
-    /// PyTorch's defaults: conv weight then bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
-    /// fan_in = in * 9; gamma 1, beta 0, running mean 0, running variance 1.
+    /// Block `i`, registered in `params` as `block{i}.*`. PyTorch's defaults: conv weight then
+    /// bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = in * 9; gamma 1, beta 0,
+    /// running mean 0, running variance 1.
     fn new(
+        params: &Params,
+        i: usize,
         inputs: usize,
         outputs: usize,
         rng: &mut Rng,
-        dtype: DType,
-        dev: &Device,
     ) -> Result<Self> {
-        let fan_in = inputs * 9;
-        let bound = 1.0 / (fan_in as f32).sqrt();
-        let w = uniform(rng, outputs * fan_in, bound);
-        let b = uniform(rng, outputs, bound);
-        let var = |t: Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(dtype)?)?) };
+        let bound = 1.0 / ((inputs * 9) as f32).sqrt();
+        let name = |n: &str| format!("block{i}.{n}");
         Ok(Self {
-            conv_weight: var(Tensor::from_vec(w, (outputs, inputs, 3, 3), dev)?)?,
-            conv_bias: var(Tensor::from_vec(b, outputs, dev)?)?,
-            bn_weight: var(Tensor::ones(outputs, dtype, dev)?)?,
-            bn_bias: var(Tensor::zeros(outputs, dtype, dev)?)?,
-            running_mean: var(Tensor::zeros(outputs, dtype, dev)?)?,
-            running_var: var(Tensor::ones(outputs, dtype, dev)?)?,
+            conv_weight: params.uniform(
+                &name("conv.weight"),
+                (outputs, inputs, 3, 3),
+                bound,
+                rng,
+            )?,
+            conv_bias: params.uniform(&name("conv.bias"), outputs, bound, rng)?,
+            bn_weight: params.constant(&name("bn.weight"), outputs, 1.0)?,
+            bn_bias: params.constant(&name("bn.bias"), outputs, 0.0)?,
+            running_mean: params.buffer(&name("bn.running_mean"), outputs, 0.0)?,
+            running_var: params.buffer(&name("bn.running_var"), outputs, 1.0)?,
         })
     }
 
-    /// `[b, in, h, w]` -> `[b, out, h / 2, w / 2]`: the custom ops of [`crate::cnn_ops`]
+    /// `[b, in, h, w]` -> `[b, out, h / 2, w / 2]`: the custom ops of [`crate::ops`]
     /// (conv + bias, then BN + ReLU + pool fused), whose backward passes are hand-written.
     /// Training mode normalises with the batch's statistics (and updates the running ones, see
     /// [`Block::update_running`]); evaluation mode with the running statistics.
@@ -180,9 +189,9 @@ impl Block {
         if !x.device().is_cpu() {
             return self.forward_candle(x, train);
         }
-        let y = cnn_ops::conv3x3(x, &self.conv_weight, &self.conv_bias)?;
+        let y = ops::conv3x3(x, &self.conv_weight, &self.conv_bias)?;
         let stats = if train {
-            let (mean, var) = cnn_ops::channel_stats(&y)?;
+            let (mean, var) = ops::channel_stats(&y)?;
             let (b, _, h, w) = y.dims4()?;
             self.update_running(&mean, &var, b * h * w)?;
             BnStats {
@@ -200,7 +209,7 @@ impl Block {
                 batch: false,
             }
         };
-        cnn_ops::bn_relu_pool(&y, &self.bn_weight, &self.bn_bias, &stats, BN_EPS)
+        ops::bn_relu_pool(&y, &self.bn_weight, &self.bn_bias, &stats, BN_EPS)
     }
 
     /// [`Block::forward`] in plain candle ops, for devices the custom ops do not run on (their
@@ -260,112 +269,98 @@ impl Block {
     }
 }
 
-/// The baseline CNN with its training images.
+/// What a CNN is: everything but its parameter values (recorded in its file's metadata).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CnnShape {
+    /// Output channels of each block; the length is the depth.
+    pub channels: Vec<usize>,
+    /// Side of the square input, divisible by `2^depth`.
+    pub input_size: usize,
+    pub classes: usize,
+}
+
+impl CnnShape {
+    /// Side of the last block's output map; an error when the shape cannot be built.
+    fn final_side(&self) -> Result<usize> {
+        let depth = self.channels.len();
+        let bad = |message: String| {
+            Err(Error::Model {
+                model: "cnn".into(),
+                message,
+            })
+        };
+        if depth == 0 || self.channels.contains(&0) || self.classes == 0 {
+            return bad(format!(
+                "a CNN needs 1+ blocks of 1+ channels and 1+ classes (channels {:?}, classes {})",
+                self.channels, self.classes
+            ));
+        }
+        let pools = 1usize << depth.min(usize::BITS as usize - 1);
+        let side = self.input_size / pools;
+        if side == 0 || side * pools != self.input_size {
+            return bad(format!(
+                "input size {} is not divisible by {pools} (one 2x2 pool per block)",
+                self.input_size
+            ));
+        }
+        Ok(side)
+    }
+}
+
+/// The baseline CNN: parameters only; the trainer passes the images.
 pub struct Cnn {
-    channels: Vec<usize>,
-    input_size: usize,
-    classes: usize,
+    shape: CnnShape,
+    params: Params,
     blocks: Vec<Block>,
     /// `[classes, c_last * (s / 2^depth)^2]`.
     fc_weight: Var,
     fc_bias: Var,
-    /// `[n, 3, s, s]`, the dtype and device of every parameter.
-    images: Tensor,
-    labels: Vec<usize>,
 }
 
 impl Cnn {
-    /// A new model over `images` (`[n, 3, input_size, input_size]`, any float dtype; the
-    /// parameters take its dtype and device) and their `labels`. `channels` are the output
-    /// channels of each block; `input_size` must be divisible by `2^channels.len()`. The
-    /// parameters are drawn from `rng` block by block (conv weight, conv bias), then the linear
-    /// layer (weight, bias), like PyTorch's defaults.
-    pub fn new(
-        channels: &[usize],
-        input_size: usize,
-        classes: usize,
-        images: Tensor,
-        labels: Vec<usize>,
-        rng: &mut Rng,
-    ) -> Result<Self> {
-        let depth = channels.len();
-        if depth == 0 || channels.contains(&0) || classes == 0 {
-            return Err(Error::Training(format!(
-                "a CNN needs 1+ blocks of 1+ channels and 1+ classes (channels {channels:?}, \
-                 classes {classes})"
-            )));
-        }
-        let pools = 1usize << depth.min(usize::BITS as usize - 1);
-        let side = input_size / pools;
-        if side == 0 || side * pools != input_size {
-            return Err(Error::Training(format!(
-                "input size {input_size} is not divisible by {pools} (one 2x2 pool per block)"
-            )));
-        }
-        let (dtype, dev) = (images.dtype(), images.device().clone());
-        let mut blocks = Vec::with_capacity(depth);
+    /// A new model whose parameters take `dtype` and live on `device`, drawn from `rng` block
+    /// by block (conv weight, conv bias), then the linear layer (weight, bias), like
+    /// PyTorch's defaults.
+    pub fn new(shape: &CnnShape, rng: &mut Rng, dtype: DType, device: &Device) -> Result<Self> {
+        let side = shape.final_side()?;
+        let params = Params::new(dtype, device);
+        let mut blocks = Vec::with_capacity(shape.channels.len());
         let mut inputs = 3;
-        for &outputs in channels {
-            blocks.push(Block::new(inputs, outputs, rng, dtype, &dev)?);
+        for (i, &outputs) in shape.channels.iter().enumerate() {
+            blocks.push(Block::new(&params, i, inputs, outputs, rng)?);
             inputs = outputs;
         }
         let fan_in = inputs * side * side;
         let bound = 1.0 / (fan_in as f32).sqrt();
-        let w = Tensor::from_vec(
-            uniform(rng, classes * fan_in, bound),
-            (classes, fan_in),
-            &dev,
-        )?;
-        let b = Tensor::from_vec(uniform(rng, classes, bound), classes, &dev)?;
-        let cnn = Self {
-            channels: channels.to_vec(),
-            input_size,
-            classes,
+        let fc_weight = params.uniform("fc.weight", (shape.classes, fan_in), bound, rng)?;
+        let fc_bias = params.uniform("fc.bias", shape.classes, bound, rng)?;
+        Ok(Self {
+            shape: shape.clone(),
+            params,
             blocks,
-            fc_weight: Var::from_tensor(&w.to_dtype(dtype)?)?,
-            fc_bias: Var::from_tensor(&b.to_dtype(dtype)?)?,
-            images: Tensor::zeros((0, 3, input_size, input_size), dtype, &dev)?,
-            labels: Vec::new(),
-        };
-        cnn.with_data(images, labels)
+            fc_weight,
+            fc_bias,
+        })
     }
 
-    /// The model with other training images and labels (converted to its dtype and device).
-    pub fn with_data(mut self, images: Tensor, labels: Vec<usize>) -> Result<Self> {
-        let s = self.input_size;
-        let dims = images.dims().to_vec();
-        if dims.len() != 4 || dims[1..] != [3, s, s] || dims[0] != labels.len() {
-            return Err(Error::Training(format!(
-                "images {dims:?} with {} labels for a CNN over [n, 3, {s}, {s}]",
-                labels.len()
-            )));
-        }
-        if let Some((row, l)) = labels.iter().enumerate().find(|(_, &l)| l >= self.classes) {
-            return Err(Error::Training(format!(
-                "row {row} has label {l}, but the model has {} classes",
-                self.classes
-            )));
-        }
-        let p = self.fc_weight.as_tensor();
-        self.images = images.to_dtype(p.dtype())?.to_device(p.device())?;
-        self.labels = labels;
-        Ok(self)
+    pub fn shape(&self) -> &CnnShape {
+        &self.shape
     }
 
-    pub fn channels(&self) -> &[usize] {
-        &self.channels
-    }
-
-    pub fn input_size(&self) -> usize {
-        self.input_size
-    }
-
-    pub fn classes(&self) -> usize {
-        self.classes
-    }
-
-    /// `[b, 3, s, s]` -> logits `[b, classes]`.
+    /// `[b, 3, s, s]` (the model's dtype and device) -> logits `[b, classes]`.
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let s = self.shape.input_size;
+        if x.dims().len() != 4 || x.dims()[1..] != [3, s, s] || x.dtype() != self.params.dtype() {
+            return Err(Error::Model {
+                model: "cnn".into(),
+                message: format!(
+                    "images {:?} of {:?} for a CNN over [n, 3, {s}, {s}] of {:?}",
+                    x.dims(),
+                    x.dtype(),
+                    self.params.dtype()
+                ),
+            });
+        }
         let mut x = x.clone();
         for block in &self.blocks {
             x = block.forward(&x, train)?;
@@ -378,108 +373,61 @@ impl Cnn {
 
     /// Evaluation-mode logits `[b, classes]` of new images `[b, 3, s, s]` (pixels / 255, as
     /// [`load_images`] gives; converted to the model's dtype and device).
-    pub fn logits_for(&self, images: &Tensor) -> Result<Tensor> {
-        let p = self.fc_weight.as_tensor();
-        self.forward(&images.to_dtype(p.dtype())?.to_device(p.device())?, false)
+    pub fn logits(&self, images: &Tensor) -> Result<Tensor> {
+        let x = images
+            .to_dtype(self.params.dtype())?
+            .to_device(self.params.device())?;
+        self.forward(&x, false)
     }
 
     /// Writes the model (parameters and running statistics as f32, shape as metadata) to a
     /// safetensors file, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
+        let s = &self.shape;
         let meta: HashMap<String, String> = [
             (
                 "channels",
-                serde_json::to_string(&self.channels).unwrap_or_default(),
+                serde_json::to_string(&s.channels).unwrap_or_default(),
             ),
-            ("input_size", self.input_size.to_string()),
-            ("classes", self.classes.to_string()),
+            ("input_size", s.input_size.to_string()),
+            ("classes", s.classes.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        save_state(self, path, meta)
+        self.params.save(path, meta)
     }
 
-    /// A model saved by [`Cnn::save`], in f32 on `device`, without training data.
+    /// A model saved by [`Cnn::save`], in f32 on `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let saved = SavedState::open(path)?;
-        let channels: Vec<usize> = saved.field("channels")?;
-        let input_size: usize = saved.field("input_size")?;
-        let classes: usize = saved.field("classes")?;
-        let images = Tensor::zeros((0, 3, input_size, input_size), DType::F32, device)?;
+        let shape = CnnShape {
+            channels: saved.field("channels")?,
+            input_size: saved.field("input_size")?,
+            classes: saved.field("classes")?,
+        };
         // The random values are overwritten by the file's.
-        let cnn = Self::new(
-            &channels,
-            input_size,
-            classes,
-            images,
-            Vec::new(),
-            &mut Rng::new(0),
-        )?;
-        saved.load_into(&cnn)?;
+        let cnn = Self::new(&shape, &mut Rng::new(0), DType::F32, device)?;
+        cnn.params.load(&saved)?;
         Ok(cnn)
     }
 }
 
-impl Trainable for Cnn {
-    fn vars(&self) -> Vec<Var> {
-        let mut v: Vec<Var> = self
-            .blocks
-            .iter()
-            .flat_map(|b| {
-                [
-                    b.conv_weight.clone(),
-                    b.conv_bias.clone(),
-                    b.bn_weight.clone(),
-                    b.bn_bias.clone(),
-                ]
-            })
-            .collect();
-        v.extend([self.fc_weight.clone(), self.fc_bias.clone()]);
-        v
+impl Model for Cnn {
+    fn params(&self) -> &Params {
+        &self.params
     }
 
-    fn state(&self) -> Vec<(String, Var)> {
-        let mut s = Vec::new();
-        for (i, b) in self.blocks.iter().enumerate() {
-            for (name, var) in [
-                ("conv.weight", &b.conv_weight),
-                ("conv.bias", &b.conv_bias),
-                ("bn.weight", &b.bn_weight),
-                ("bn.bias", &b.bn_bias),
-                ("bn.running_mean", &b.running_mean),
-                ("bn.running_var", &b.running_var),
-            ] {
-                s.push((format!("block{i}.{name}"), var.clone()));
-            }
-        }
-        s.push(("fc.weight".into(), self.fc_weight.clone()));
-        s.push(("fc.bias".into(), self.fc_bias.clone()));
-        s
-    }
-
-    fn train_logits(&mut self, rows: &[usize]) -> Result<Tensor> {
-        self.forward(&select_rows(&self.images, rows)?, true)
-    }
-
-    fn eval_logits(&self, rows: &[usize]) -> Result<Tensor> {
-        self.forward(&select_rows(&self.images, rows)?, false)
-    }
-
-    fn labels(&self) -> &[usize] {
-        &self.labels
-    }
-
-    fn device(&self) -> &Device {
-        self.images.device()
+    fn forward_t(&self, x: &Rows, train: bool) -> Result<Tensor> {
+        self.forward(&x.gather()?, train)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Schedule;
-    use crate::train::{fit, TrainOptions};
+    use crate::config::TrainSettings;
+    use crate::train::{fit, Labelled, TrainOptions};
 
     fn random_images(n: usize, s: usize, dtype: DType, seed: u64) -> Tensor {
         let mut rng = Rng::new(seed);
@@ -581,10 +529,21 @@ mod tests {
         assert_eq!(g, [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]);
     }
 
-    /// Loss of the model's training-mode logits on `rows`, in f64.
-    fn loss(cnn: &mut Cnn, rows: &[usize]) -> Tensor {
-        let logits = cnn.train_logits(rows).expect("logits");
-        let y: Vec<u32> = rows.iter().map(|&r| cnn.labels[r] as u32).collect();
+    fn cnn(channels: &[usize], size: usize, classes: usize, seed: u64, dtype: DType) -> Cnn {
+        let shape = CnnShape {
+            channels: channels.to_vec(),
+            input_size: size,
+            classes,
+        };
+        Cnn::new(&shape, &mut Rng::new(seed), dtype, &Device::Cpu).expect("cnn")
+    }
+
+    /// Loss of the model's training-mode logits on `rows` of `x`, in f64.
+    fn loss(cnn: &Cnn, x: &Tensor, labels: &[usize], rows: &[usize]) -> Tensor {
+        let logits = cnn
+            .forward_t(&Rows { data: x, rows }, true)
+            .expect("logits");
+        let y: Vec<u32> = rows.iter().map(|&r| labels[r] as u32).collect();
         let y = Tensor::from_vec(y, rows.len(), &Device::Cpu).expect("labels");
         candle_nn::loss::cross_entropy(&logits, &y).expect("loss")
     }
@@ -592,8 +551,8 @@ mod tests {
     #[test]
     fn whole_model_gradient_matches_finite_differences() {
         let images = random_images(3, 8, DType::F64, 21);
-        let mut cnn =
-            Cnn::new(&[2, 3], 8, 2, images, vec![0, 1, 1], &mut Rng::new(22)).expect("cnn");
+        let labels = [0, 1, 1];
+        let cnn = cnn(&[2, 3], 8, 2, 22, DType::F64);
         // Non-trivial BN affine parameters, so their gradients are exercised away from 1/0.
         let mut rng = Rng::new(23);
         for b in &cnn.blocks {
@@ -605,10 +564,12 @@ mod tests {
             }
         }
         let rows = [0, 1, 2];
-        let grads = loss(&mut cnn, &rows).backward().expect("backward");
+        let grads = loss(&cnn, &images, &labels, &rows)
+            .backward()
+            .expect("backward");
         let h = 1e-6;
         let mut checked = 0;
-        for (name, var) in cnn.state() {
+        for (name, var) in cnn.params().sorted().expect("params") {
             if name.contains("running") {
                 continue;
             }
@@ -623,12 +584,14 @@ mod tests {
                 .and_then(|t| t.to_vec1::<f64>())
                 .expect("values");
             for i in 0..base.len() {
-                let mut at = |delta: f64| {
+                let at = |delta: f64| {
                     let mut v = base.clone();
                     v[i] += delta;
                     let t = Tensor::from_vec(v, var.shape(), &Device::Cpu).expect("t");
                     var.set(&t).expect("set");
-                    loss(&mut cnn, &rows).to_scalar::<f64>().expect("loss")
+                    loss(&cnn, &images, &labels, &rows)
+                        .to_scalar::<f64>()
+                        .expect("loss")
                 };
                 let numeric = (at(h) - at(-h)) / (2.0 * h);
                 let a = analytic[i];
@@ -668,15 +631,7 @@ mod tests {
     #[test]
     fn batch_norm_train_and_eval_modes() {
         let images = random_images(4, 4, DType::F64, 1);
-        let cnn = Cnn::new(
-            &[3],
-            4,
-            2,
-            images.clone(),
-            vec![0, 1, 0, 1],
-            &mut Rng::new(2),
-        )
-        .expect("cnn");
+        let cnn = cnn(&[3], 4, 2, 2, DType::F64);
         let block = &cnn.blocks[0];
         // Non-trivial affine parameters.
         block
@@ -748,13 +703,7 @@ mod tests {
 
     fn opts() -> TrainOptions {
         TrainOptions {
-            epochs: 2,
-            batch_size: 4,
-            lr: 0.01,
-            schedule: Schedule::Constant,
-            step_size: 1,
-            gamma: 1.0,
-            early_stopping: None,
+            settings: TrainSettings::new(0.01, 2, 4),
             seed: 9,
         }
     }
@@ -763,10 +712,14 @@ mod tests {
     fn same_seed_gives_bit_identical_training() {
         let run = || {
             let images = random_images(12, 16, DType::F32, 4);
-            let labels = (0..12).map(|i| i % 2).collect();
-            let mut cnn = Cnn::new(&[4, 4], 16, 2, images, labels, &mut Rng::new(13)).expect("cnn");
+            let labels: Vec<usize> = (0..12).map(|i| i % 2).collect();
+            let model = cnn(&[4, 4], 16, 2, 13, DType::F32);
             let rows: Vec<usize> = (0..12).collect();
-            let h = fit(&mut cnn, &rows[..9], &rows[9..], &opts(), |_| {}).expect("fit");
+            let data = Labelled {
+                inputs: &images,
+                labels: &labels,
+            };
+            let h = fit(&model, &data, 2, &rows[..9], &rows[9..], &opts(), |_| {}).expect("fit");
             h.epochs
                 .iter()
                 .flat_map(|e| [e.train_loss.to_bits(), e.val_loss.to_bits()])
@@ -778,19 +731,19 @@ mod tests {
     #[test]
     fn save_and_load_keep_running_statistics() {
         let images = random_images(8, 8, DType::F32, 5);
-        let labels = (0..8).map(|i| i % 2).collect();
-        let mut cnn =
-            Cnn::new(&[2, 2], 8, 2, images.clone(), labels, &mut Rng::new(6)).expect("cnn");
+        let labels: Vec<usize> = (0..8).map(|i| i % 2).collect();
+        let cnn = cnn(&[2, 2], 8, 2, 6, DType::F32);
         let rows: Vec<usize> = (0..8).collect();
-        fit(&mut cnn, &rows[..6], &rows[6..], &opts(), |_| {}).expect("fit");
+        let data = Labelled {
+            inputs: &images,
+            labels: &labels,
+        };
+        fit(&cnn, &data, 2, &rows[..6], &rows[6..], &opts(), |_| {}).expect("fit");
         let dir = std::env::temp_dir().join(format!("pipeline-cnn-{}", std::process::id()));
         let path = dir.join("cnn.safetensors");
         cnn.save(&path).expect("save");
         let loaded = Cnn::load(&path, &Device::Cpu).expect("load");
-        assert_eq!(
-            (loaded.channels(), loaded.input_size(), loaded.classes()),
-            (&[2, 2][..], 8, 2)
-        );
+        assert_eq!(loaded.shape(), cnn.shape());
         let rm = |c: &Cnn| c.blocks[1].running_mean.to_vec1::<f32>().expect("rm");
         assert_eq!(rm(&loaded), rm(&cnn));
         assert_ne!(
@@ -799,11 +752,11 @@ mod tests {
             "trained statistics, not the initial ones"
         );
         let a = cnn
-            .logits_for(&images)
+            .logits(&images)
             .and_then(|t| Ok(t.to_vec2::<f32>()?))
             .expect("a");
         let b = loaded
-            .logits_for(&images)
+            .logits(&images)
             .and_then(|t| Ok(t.to_vec2::<f32>()?))
             .expect("b");
         assert_eq!(a, b);
@@ -813,14 +766,31 @@ mod tests {
     #[test]
     fn shapes_and_bad_inputs() {
         let images = random_images(2, 8, DType::F32, 1);
-        let mut cnn =
-            Cnn::new(&[4, 4], 8, 3, images.clone(), vec![0, 2], &mut Rng::new(1)).expect("cnn");
-        assert_eq!(cnn.train_logits(&[0, 1]).expect("logits").dims(), [2, 3]);
-        assert_eq!(cnn.fc_weight.dims(), [3, 4 * 2 * 2]);
-        assert!(Cnn::new(&[4, 4], 6, 3, images.clone(), vec![0, 2], &mut Rng::new(1)).is_err());
-        assert!(Cnn::new(&[4], 8, 3, images.clone(), vec![0, 3], &mut Rng::new(1)).is_err());
-        assert!(Cnn::new(&[], 8, 3, images.clone(), vec![0, 1], &mut Rng::new(1)).is_err());
-        assert!(Cnn::new(&[4], 16, 3, images, vec![0, 1], &mut Rng::new(1)).is_err());
+        let model = cnn(&[4, 4], 8, 3, 1, DType::F32);
+        let x = Rows {
+            data: &images,
+            rows: &[0, 1],
+        };
+        assert_eq!(model.forward_t(&x, true).expect("logits").dims(), [2, 3]);
+        assert_eq!(model.fc_weight.dims(), [3, 4 * 2 * 2]);
+        let build = |channels: &[usize], size: usize, classes: usize| {
+            let shape = CnnShape {
+                channels: channels.to_vec(),
+                input_size: size,
+                classes,
+            };
+            Cnn::new(&shape, &mut Rng::new(1), DType::F32, &Device::Cpu)
+        };
+        assert!(build(&[4, 4], 6, 3).is_err(), "6 is not divisible by 4");
+        assert!(build(&[], 8, 3).is_err(), "no block");
+        assert!(build(&[4, 0], 8, 3).is_err(), "a block of no channels");
+        assert!(build(&[4], 8, 0).is_err(), "no class");
+        // Images of another size are an error naming the expected shape, not a panic.
+        let small = cnn(&[4], 16, 3, 1, DType::F32);
+        let err = small
+            .forward_t(&x, false)
+            .expect_err("8x8 images for a 16x16 CNN");
+        assert!(err.to_string().contains("[n, 3, 16, 16]"), "{err}");
     }
 
     #[test]

@@ -278,21 +278,18 @@ impl Default for SplitConfig {
     }
 }
 
-/// The classifier trained on cached features.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
-pub struct HeadConfig {
-    /// "linear" or "mlp". Default: linear.
-    pub kind: HeadKind,
-    /// Adam learning rate. Default: 0.0005.
+/// How a model is trained: the keys `[head]` and `[cnn]` share. In the file they sit flat in
+/// their section (`[head] lr = 0.0005`); loading lifts them into the section's `train` table
+/// (see [`lift_train_keys`]), so the rules are written once.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct TrainSettings {
+    /// Adam learning rate.
     pub lr: f64,
-    /// Default: 30.
     pub epochs: usize,
-    /// Default: 128.
     pub batch_size: usize,
-    /// Dropout of the mlp head. Default: 0.5.
-    pub dropout: f32,
-    /// Stop after this many epochs without a lower validation loss. Default: never.
+    /// Stop after this many epochs without a lower validation loss, then restore the weights
+    /// of the best epoch. Default: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stopping: Option<usize>,
     /// Learning-rate schedule. Default: constant.
     pub schedule: Schedule,
@@ -302,18 +299,75 @@ pub struct HeadConfig {
     pub gamma: f64,
 }
 
-impl Default for HeadConfig {
-    fn default() -> Self {
+impl TrainSettings {
+    /// The keys of [`TrainSettings`], as they appear flat in `[head]` and `[cnn]`.
+    pub const KEYS: [&'static str; 7] = [
+        "lr",
+        "epochs",
+        "batch_size",
+        "early_stopping",
+        "schedule",
+        "step_size",
+        "gamma",
+    ];
+
+    /// Settings with a constant learning rate and no early stopping.
+    pub fn new(lr: f64, epochs: usize, batch_size: usize) -> Self {
         Self {
-            kind: HeadKind::Linear,
-            lr: 0.0005,
-            epochs: 30,
-            batch_size: 128,
-            dropout: 0.5,
+            lr,
+            epochs,
+            batch_size,
             early_stopping: None,
             schedule: Schedule::Constant,
             step_size: 10,
             gamma: 0.1,
+        }
+    }
+
+    fn validate(&self, section: &str) -> Result<()> {
+        let bad = |key: &str, message: &str| {
+            Err(Error::InvalidValue {
+                key: format!("{section}.{key}"),
+                message: message.into(),
+            })
+        };
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1");
+        }
+        if self.epochs == 0 {
+            return bad("epochs", "must be at least 1");
+        }
+        if self.lr.is_nan() || self.lr <= 0.0 {
+            return bad("lr", "must be positive");
+        }
+        if self.early_stopping == Some(0) {
+            return bad(
+                "early_stopping",
+                "must be at least 1 (leave it out to never stop)",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The classifier trained on cached features.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct HeadConfig {
+    /// "linear" or "mlp". Default: linear.
+    pub kind: HeadKind,
+    /// Dropout of the mlp head. Default: 0.5.
+    pub dropout: f32,
+    /// Default: lr 0.0005, 30 epochs, batch 128, constant schedule, no early stopping.
+    pub train: TrainSettings,
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        Self {
+            kind: HeadKind::Linear,
+            dropout: 0.5,
+            train: TrainSettings::new(0.0005, 30, 128),
         }
     }
 }
@@ -345,27 +399,18 @@ pub enum Schedule {
 pub struct CnnConfig {
     /// Output channels of each conv block; the length is the depth. Default: [4, 4].
     pub channels: Vec<usize>,
-    /// Adam learning rate. Default: 0.0001.
-    pub lr: f64,
-    /// Default: 15.
-    pub epochs: usize,
-    /// Default: 128.
-    pub batch_size: usize,
     /// Side of the square input. Default: 224.
     pub input_size: u32,
-    /// Stop after this many epochs without a lower validation loss. Default: never.
-    pub early_stopping: Option<usize>,
+    /// Default: lr 0.0001, 15 epochs, batch 128, constant schedule, no early stopping.
+    pub train: TrainSettings,
 }
 
 impl Default for CnnConfig {
     fn default() -> Self {
         Self {
             channels: vec![4, 4],
-            lr: 0.0001,
-            epochs: 15,
-            batch_size: 128,
             input_size: 224,
-            early_stopping: None,
+            train: TrainSettings::new(0.0001, 15, 128),
         }
     }
 }
@@ -419,7 +464,8 @@ impl Config {
     }
 
     /// Deserialises a table, naming any unknown key and the key of any ill-typed value.
-    pub fn from_table(table: toml::Table, path: &Path) -> Result<Self> {
+    pub fn from_table(mut table: toml::Table, path: &Path) -> Result<Self> {
+        lift_train_keys(&mut table)?;
         let mut unknown = Vec::new();
         let mut record = |p: serde_ignored::Path| unknown.push(p.to_string());
         let de = serde_ignored::Deserializer::new(toml::Value::Table(table), &mut record);
@@ -432,7 +478,12 @@ impl Config {
         }
         parsed.map_err(|e| Error::Config {
             path: path.to_owned(),
-            message: format!("key `{}`: {}", e.path(), e.inner()),
+            // Name the key as the user wrote it: `head.lr`, not the lifted `head.train.lr`.
+            message: format!(
+                "key `{}`: {}",
+                e.path().to_string().replace(".train.", "."),
+                e.inner()
+            ),
         })
     }
 
@@ -479,16 +530,8 @@ impl Config {
         if v.is_nan() || v <= 0.0 || v >= 1.0 {
             return bad("split.val_fraction", "must be between 0 and 1 (exclusive)");
         }
-        if self.head.batch_size == 0 || self.cnn.batch_size == 0 {
-            return bad("head.batch_size / cnn.batch_size", "must be at least 1");
-        }
-        if self.head.lr.is_nan()
-            || self.head.lr <= 0.0
-            || self.cnn.lr.is_nan()
-            || self.cnn.lr <= 0.0
-        {
-            return bad("head.lr / cnn.lr", "must be positive");
-        }
+        self.head.train.validate("head")?;
+        self.cnn.train.validate("cnn")?;
         if !(0.0..1.0).contains(&self.head.dropout) {
             return bad("head.dropout", "must be in [0, 1)");
         }
@@ -543,6 +586,42 @@ impl Config {
     }
 }
 
+/// Moves the training keys of `[head]` and `[cnn]` ([`TrainSettings::KEYS`]) into the
+/// section's `train` table, on top of that section's defaults (so `[cnn] lr = 0.001` keeps the
+/// CNN's default epochs, not another section's). A `train` table already there (a run's
+/// resolved config.toml is written that way) is merged the same way; flat keys win.
+fn lift_train_keys(table: &mut toml::Table) -> Result<()> {
+    let sections = [
+        ("head", HeadConfig::default().train),
+        ("cnn", CnnConfig::default().train),
+    ];
+    for (section, defaults) in sections {
+        let Some(toml::Value::Table(sect)) = table.get_mut(section) else {
+            continue;
+        };
+        let mut train = toml::Table::try_from(&defaults).map_err(|e| Error::InvalidValue {
+            key: format!("{section}.train"),
+            message: e.to_string(),
+        })?;
+        match sect.remove("train") {
+            Some(toml::Value::Table(given)) => train.extend(given),
+            // Not a table: leave it for deserialisation to report with its key.
+            Some(other) => {
+                sect.insert("train".into(), other);
+                continue;
+            }
+            None => {}
+        }
+        for key in TrainSettings::KEYS {
+            if let Some(v) = sect.remove(key) {
+                train.insert(key.into(), v);
+            }
+        }
+        sect.insert("train".into(), toml::Value::Table(train));
+    }
+    Ok(())
+}
+
 /// Applies one `section.key=value` override to the table.
 fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
     let usage = || Error::Usage(format!("--set {item}: expected section.key=value"));
@@ -593,8 +672,8 @@ mod tests {
     fn defaults_fill_missing_keys() {
         let c = load_str(MINIMAL, &[]).expect("valid");
         assert_eq!(c.extract.batch_size, 128);
-        assert_eq!(c.head.epochs, 30);
-        assert_eq!(c.cnn.epochs, 15);
+        assert_eq!(c.head.train.epochs, 30);
+        assert_eq!(c.cnn.train.epochs, 15);
         assert_eq!(c.split.seed, 13);
     }
 
@@ -607,6 +686,31 @@ mod tests {
         assert!(err.to_string().contains("head.lrr"), "{err}");
         let err = load_str(&format!("{MINIMAL}[nosuch]\nx = 1\n"), &[]).expect_err("section");
         assert!(err.to_string().contains("nosuch"), "{err}");
+    }
+
+    #[test]
+    fn training_keys_are_shared_and_keep_their_section_defaults() {
+        let c = load_str(
+            &format!("{MINIMAL}[cnn]\nlr = 0.001\n[head]\nepochs = 7\nschedule = \"cosine\"\n"),
+            &["cnn.early_stopping=4"],
+        )
+        .expect("valid");
+        assert_eq!(c.cnn.train.lr, 0.001);
+        assert_eq!(c.cnn.train.epochs, 15, "the CNN's own default");
+        assert_eq!(c.cnn.train.early_stopping, Some(4));
+        assert_eq!(c.head.train.epochs, 7);
+        assert_eq!(c.head.train.lr, 0.0005, "the head's own default");
+        assert_eq!(c.head.train.schedule, Schedule::Cosine);
+        // A written-out config (nested `train` tables) reads back the same.
+        let text = toml::to_string_pretty(&c).expect("serialise");
+        let back = load_str(&text, &[]).expect("reads back");
+        assert_eq!(back.cnn.train, c.cnn.train);
+        assert_eq!(back.head.train, c.head.train);
+        // Errors name the key as written.
+        let err = load_str(MINIMAL, &["head.lr=fast"]).expect_err("type");
+        assert!(err.to_string().contains("`head.lr`"), "{err}");
+        let err = load_str(MINIMAL, &["cnn.epochs=0"]).expect_err("zero");
+        assert!(err.to_string().contains("cnn.epochs"), "{err}");
     }
 
     #[test]

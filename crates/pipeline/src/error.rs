@@ -64,9 +64,25 @@ pub enum Error {
     /// The feature cache is absent, incomplete, corrupt or made from other inputs.
     #[error("feature cache {path}: {message}")]
     Cache { path: PathBuf, message: String },
-    /// Training could not go on (NaN loss, classes missing from training, ...).
-    #[error("training: {0}")]
-    Training(String),
+    /// A model was given tensors of the wrong shape or type, or was built with an impossible
+    /// shape (a programming or file error; `model` names the model or op).
+    #[error("{model}: {message}")]
+    Model { model: String, message: String },
+    /// A split with no training or no validation rows.
+    #[error("the split has {train} training and {val} validation rows: both sides need at least one (is the dataset too small?)")]
+    EmptySplit { train: usize, val: usize },
+    /// A class that only appears in validation.
+    #[error("class {class} is in validation (row {row}) but has no training row: its only copies are in groups of duplicate files labelled otherwise; fix the conflicting labels")]
+    ClassWithoutTraining { class: usize, row: usize },
+    /// The loss became NaN or infinite.
+    #[error("training diverged: the {} loss is {loss} at epoch {epoch}{} (learning rate {lr:e}): try a lower learning rate", if step.is_some() { "training" } else { "validation" }, step.map(|s| format!(", step {s}")).unwrap_or_default())]
+    Diverged {
+        epoch: usize,
+        /// The step within the epoch; `None` for the validation loss.
+        step: Option<usize>,
+        loss: f64,
+        lr: f64,
+    },
     /// The configured device cannot be used (no CUDA build, no driver, no GPU).
     #[error("device {device}: {message}")]
     Device { device: String, message: String },

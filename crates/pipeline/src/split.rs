@@ -33,7 +33,7 @@ pub struct Split {
 /// Splits rows `0..labels.len()` into training and validation.
 ///
 /// `groups`, when given, holds one key per row (e.g. the file's content hash); rows with equal
-/// keys always land on the same side. Errors (`Error::Training`) on a `val_fraction` outside
+/// keys always land on the same side. Errors on a `val_fraction` outside
 /// `[0, 1)`, a `groups` of another length than `labels`, an empty training side, or a class
 /// that appears in validation without any training row.
 pub fn stratified_split(
@@ -43,9 +43,10 @@ pub fn stratified_split(
     seed: u64,
 ) -> Result<Split> {
     if !(0.0..1.0).contains(&val_fraction) {
-        return Err(Error::Training(format!(
-            "validation fraction {val_fraction} is not in [0, 1)"
-        )));
+        return Err(Error::InvalidValue {
+            key: "split.val_fraction".into(),
+            message: format!("{val_fraction} is not in [0, 1)"),
+        });
     }
     let units = group_rows(labels.len(), groups)?;
     let mut split = Split {
@@ -113,20 +114,20 @@ pub fn stratified_split(
     split.val.sort_unstable();
 
     if split.train.is_empty() {
-        return Err(Error::Training(
-            "the split leaves no training rows (is the dataset empty?)".into(),
-        ));
+        return Err(Error::EmptySplit {
+            train: 0,
+            val: split.val.len(),
+        });
     }
     let mut in_train = vec![false; classes];
     for &r in &split.train {
         in_train[labels[r]] = true;
     }
     if let Some(&r) = split.val.iter().find(|&&r| !in_train[labels[r]]) {
-        return Err(Error::Training(format!(
-            "class {} is in validation (row {r}) but has no training row: its only copies \
-             are in groups of duplicate files labelled otherwise; fix the conflicting labels",
-            labels[r]
-        )));
+        return Err(Error::ClassWithoutTraining {
+            class: labels[r],
+            row: r,
+        });
     }
     Ok(split)
 }
@@ -137,10 +138,10 @@ fn group_rows(n: usize, groups: Option<&[String]>) -> Result<Vec<Vec<usize>>> {
         return Ok((0..n).map(|r| vec![r]).collect());
     };
     if keys.len() != n {
-        return Err(Error::Training(format!(
-            "{} group keys for {n} rows",
-            keys.len()
-        )));
+        return Err(Error::Model {
+            model: "split".into(),
+            message: format!("{} group keys for {n} rows", keys.len()),
+        });
     }
     let mut index: HashMap<&str, usize> = HashMap::new();
     let mut units: Vec<Vec<usize>> = Vec::new();

@@ -5,17 +5,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::cnn::{load_images, Cnn};
+use crate::cnn::{load_images, Cnn, CnnShape};
 use crate::config::{Config, HeadKind, OnBadImage};
 use crate::dataset::{hex, Dataset};
 use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::extract::{hash_samples, Plan};
-use crate::head::Head;
+use crate::head::{Head, HeadShape};
 use crate::metrics::{argmax_rows, ConfusionMatrix, Metrics};
 use crate::plot::{confusion_matrix_png, line_chart, Series};
 use crate::report::{markdown_table, terminal_table, winner, ModelRow};
@@ -23,7 +23,7 @@ use crate::rng::Rng;
 use crate::runs::{latest, RunDir, METRICS_FILE};
 use crate::split::{stratified_split, Split};
 use crate::store::FeatureStore;
-use crate::train::{fit, predict, EpochRecord, History, TrainOptions, Trainable};
+use crate::train::{fit, predict, EpochRecord, History, Labelled, Model, TrainOptions};
 
 /// Sub-stream of the seed that initialises model weights.
 const INIT_STREAM: u64 = 0x494e_4954; // "INIT"
@@ -147,16 +147,18 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
     let dim = set.manifest.dim;
     let classes = plan.dataset.classes.clone();
     let features = set.features.to_device(&device)?;
-    let mut head = Head::new(
-        h.kind,
-        dim,
-        classes.len(),
-        h.dropout,
-        features,
-        set.labels.clone(),
+    let shape = HeadShape::new(h.kind, dim, classes.len(), h.dropout);
+    let head = Head::new(
+        &shape,
         Some(&plan.weights),
         &mut rng,
+        features.dtype(),
+        &device,
     )?;
+    let data = Labelled {
+        inputs: &features,
+        labels: &set.labels,
+    };
     let kind = match h.kind {
         HeadKind::Linear => "linear",
         HeadKind::Mlp => "mlp",
@@ -165,18 +167,13 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
     run.write_config(config)?;
     run.write_json("cache_key.json", &set.manifest.key)?;
     let opts = TrainOptions {
-        epochs: h.epochs,
-        batch_size: h.batch_size,
-        lr: h.lr,
-        schedule: h.schedule,
-        step_size: h.step_size,
-        gamma: h.gamma,
-        early_stopping: h.early_stopping,
+        settings: h.train.clone(),
         seed: config.split.seed,
     };
     let name = format!("VGG16 + {kind} head");
     let outcome = train_and_record(
-        &mut head,
+        &head,
+        &data,
         &run,
         "head",
         &name,
@@ -205,9 +202,14 @@ pub fn train_cnn(config: &Config) -> Result<RunOutcome> {
     };
     let kept_paths: Vec<&Path> = keep.iter().map(|&i| paths[i]).collect();
     let images = load_images(&kept_paths, c.input_size).map_err(|e| match e {
-        Error::BadImage { .. } if config.data.on_bad_image == OnBadImage::Skip => Error::Training(
-            format!("{e} (on_bad_image = \"skip\" leaves out only files that cannot be read)"),
-        ),
+        Error::BadImage { path, message } if config.data.on_bad_image == OnBadImage::Skip => {
+            Error::BadImage {
+                path,
+                message: format!(
+                    "{message} (on_bad_image = \"skip\" leaves out only files that cannot be read)"
+                ),
+            }
+        }
         e => e,
     })?;
     eprintln!(
@@ -232,29 +234,27 @@ pub fn train_cnn(config: &Config) -> Result<RunOutcome> {
         .collect();
     let device = training_device(config)?;
     let mut rng = Rng::new(config.split.seed).fork(INIT_STREAM);
-    let mut cnn = Cnn::new(
-        &c.channels,
-        c.input_size as usize,
-        dataset.classes.len(),
-        images.to_device(&device)?,
-        labels,
-        &mut rng,
-    )?;
+    let images = images.to_device(&device)?;
+    let shape = CnnShape {
+        channels: c.channels.clone(),
+        input_size: c.input_size as usize,
+        classes: dataset.classes.len(),
+    };
+    let cnn = Cnn::new(&shape, &mut rng, images.dtype(), &device)?;
+    let data = Labelled {
+        inputs: &images,
+        labels: &labels,
+    };
     let run = RunDir::create(&config.output.runs, "cnn")?;
     run.write_config(config)?;
     let opts = TrainOptions {
-        epochs: c.epochs,
-        batch_size: c.batch_size,
-        lr: c.lr,
-        schedule: crate::config::Schedule::Constant,
-        step_size: 1,
-        gamma: 1.0,
-        early_stopping: c.early_stopping,
+        settings: c.train.clone(),
         seed: config.split.seed,
     };
     let name = format!("CNN baseline {:?}", c.channels);
     let outcome = train_and_record(
-        &mut cnn,
+        &cnn,
+        &data,
         &run,
         "cnn",
         &name,
@@ -272,7 +272,8 @@ pub fn train_cnn(config: &Config) -> Result<RunOutcome> {
 /// measures the final model on both sides.
 #[allow(clippy::too_many_arguments)]
 fn train_and_record(
-    model: &mut impl Trainable,
+    model: &impl Model,
+    data: &Labelled,
     run: &RunDir,
     kind: &str,
     name: &str,
@@ -307,11 +308,12 @@ fn train_and_record(
     );
     let start = Instant::now();
     let mut write_error = None;
-    let history: History = fit(model, train_rows, val_rows, opts, |r| {
+    let classes = metrics.classes.len();
+    let history: History = fit(model, data, classes, train_rows, val_rows, opts, |r| {
         println!(
             "epoch {:>3}/{}  lr {:.2e}  train loss {:.4}  train acc {:.2}%  val loss {:.4}  val acc {:.2}%  ({:.1} s)",
             r.epoch,
-            opts.epochs,
+            opts.settings.epochs,
             r.lr,
             r.train_loss,
             100.0 * r.train_accuracy,
@@ -334,9 +336,9 @@ fn train_and_record(
     metrics.stopped_early = history.stopped_early;
     let n = metrics.classes.len();
     let measure = |rows: &[usize]| -> Result<Metrics> {
-        let probs = predict(model, rows, opts.batch_size)?;
+        let probs = predict(model, data.inputs, rows, opts.settings.batch_size)?;
         let flat: Vec<f32> = probs.into_iter().flatten().collect();
-        let labels = model.labels();
+        let labels = data.labels;
         let mut cm = ConfusionMatrix::new(n);
         cm.update(
             &argmax_rows(&flat, n),
@@ -497,6 +499,6 @@ fn training_device(config: &Config) -> Result<Device> {
 
 /// Probabilities of a head on new feature rows, batched.
 pub fn head_probabilities(head: &Head, features: &Tensor) -> Result<Vec<Vec<f32>>> {
-    let logits = head.logits_for(&features.to_dtype(DType::F32)?)?;
+    let logits = head.logits(features)?;
     crate::train::probabilities(&logits)
 }

@@ -1,61 +1,111 @@
 //! The one training loop, shared by the feature head ([`crate::head`]) and the from-scratch CNN
 //! ([`crate::cnn`]): Adam without weight decay, cross-entropy, a seeded shuffle every epoch, a
-//! learning-rate schedule, early stopping on the validation loss, and prediction. Also the
-//! safetensors save/load of a model's state, which both models use.
+//! learning-rate schedule, early stopping on the validation loss, and prediction.
 //!
-//! A model is anything [`Trainable`]: it holds its own data (feature rows or images) and
-//! labels, and answers logits for a list of row indices.
+//! Models hold parameters, not data: a [`Model`] registers its tensors in [`Params`] and
+//! answers logits for a batch ([`Model::forward_t`]); the loop owns the data ([`Labelled`]) and
+//! passes each batch's rows ([`Rows`]).
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Schedule;
-use crate::error::{Error, IoContext, Result};
+use crate::config::{Schedule, TrainSettings};
+use crate::error::{Error, Result};
+use crate::params::Params;
 use crate::rng::Rng;
 
 /// Sub-stream of the seed that shuffles the training rows (the models draw their initial
 /// weights from other streams).
 pub const SHUFFLE_STREAM: u64 = 0x5348_5546; // "SHUF"
 
-/// A model the loop can train. It holds its data and labels; rows are indices into them.
-pub trait Trainable {
-    /// The parameters Adam updates.
-    fn vars(&self) -> Vec<Var>;
-    /// Every tensor defining the model, parameters and buffers (e.g. batch-norm running
-    /// statistics), by name: what is saved, and what early stopping snapshots and restores.
-    fn state(&self) -> Vec<(String, Var)>;
-    /// Logits `[rows.len(), classes]` in training mode (dropout on, batch-norm on batch
-    /// statistics and updating its running statistics), hence `&mut`.
-    fn train_logits(&mut self, rows: &[usize]) -> Result<Tensor>;
-    /// Logits `[rows.len(), classes]` in evaluation mode (deterministic, no state change).
-    fn eval_logits(&self, rows: &[usize]) -> Result<Tensor>;
-    /// Class index of every row.
-    fn labels(&self) -> &[usize];
-    /// Where the model's tensors live.
-    fn device(&self) -> &Device;
+/// A batch: rows of a data tensor (`[n, ...]`), on the model's device. Models that can read
+/// rows in place (the linear head) take them as they are; others copy them out with
+/// [`Rows::gather`].
+#[derive(Clone, Copy)]
+pub struct Rows<'a> {
+    pub data: &'a Tensor,
+    pub rows: &'a [usize],
 }
 
-/// How to train.
+impl Rows<'_> {
+    /// The selected rows as one tensor `[rows.len(), ...]`.
+    pub fn gather(&self) -> Result<Tensor> {
+        select_rows(self.data, self.rows)
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// A model the loop can train.
+pub trait Model {
+    /// Every tensor of the model, registered by name.
+    fn params(&self) -> &Params;
+    /// Logits `[x.len(), classes]`. `train`: training mode (dropout on, batch-norm on the
+    /// batch's statistics, updating its running statistics); otherwise deterministic.
+    fn forward_t(&self, x: &Rows, train: bool) -> Result<Tensor>;
+}
+
+/// Inputs and their class indices: what the loop trains on.
+#[derive(Clone, Copy)]
+pub struct Labelled<'a> {
+    /// `[n, ...]`, on the model's device and in its dtype.
+    pub inputs: &'a Tensor,
+    /// Class index of each input row.
+    pub labels: &'a [usize],
+}
+
+impl Labelled<'_> {
+    fn rows<'r>(&'r self, rows: &'r [usize]) -> Rows<'r> {
+        Rows {
+            data: self.inputs,
+            rows,
+        }
+    }
+
+    /// The labels of `rows` as a u32 tensor on the inputs' device (cross-entropy's targets).
+    fn targets(&self, rows: &[usize]) -> Result<Tensor> {
+        let labels: Vec<u32> = rows.iter().map(|&r| self.labels[r] as u32).collect();
+        Ok(Tensor::from_vec(labels, rows.len(), self.inputs.device())?)
+    }
+
+    /// Checks that every row and label is in range.
+    fn check(&self, rows: &[usize], classes: usize) -> Result<()> {
+        let n = self.inputs.dim(0)?;
+        if self.labels.len() != n {
+            return Err(Error::Model {
+                model: "training data".into(),
+                message: format!("{n} input rows but {} labels", self.labels.len()),
+            });
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+            return Err(Error::Model {
+                model: "training data".into(),
+                message: format!("row {r} is out of range: the data holds {n} rows"),
+            });
+        }
+        if let Some((row, &l)) = self.labels.iter().enumerate().find(|(_, &l)| l >= classes) {
+            return Err(Error::Model {
+                model: "training data".into(),
+                message: format!("row {row} has label {l}, but the model has {classes} classes"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// How to train: the `[head]` / `[cnn]` training settings and the seed of the shuffles.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainOptions {
-    pub epochs: usize,
-    pub batch_size: usize,
-    /// Initial learning rate.
-    pub lr: f64,
-    pub schedule: Schedule,
-    /// Epochs between decays of the step schedule.
-    pub step_size: usize,
-    /// Factor of the step schedule.
-    pub gamma: f64,
-    /// Stop after this many epochs without a lower validation loss, then restore the weights
-    /// of the best epoch. `None`: train every epoch and keep the last weights.
-    pub early_stopping: Option<usize>,
+    pub settings: TrainSettings,
     /// Seed of the shuffles.
     pub seed: u64,
 }
@@ -91,7 +141,7 @@ pub struct History {
 /// The learning rate of 0-based `epoch`: constant; step (`lr * gamma^(epoch / step_size)`,
 /// as PyTorch's StepLR); or cosine from `lr` to 0 over `epochs` (PyTorch's CosineAnnealingLR
 /// with `T_max = epochs`, `eta_min = 0`: `lr * (1 + cos(pi * epoch / epochs)) / 2`).
-pub fn learning_rate(opts: &TrainOptions, epoch: usize) -> f64 {
+pub fn learning_rate(opts: &TrainSettings, epoch: usize) -> f64 {
     match opts.schedule {
         Schedule::Constant => opts.lr,
         Schedule::Step => {
@@ -105,43 +155,42 @@ pub fn learning_rate(opts: &TrainOptions, epoch: usize) -> f64 {
     }
 }
 
-/// Trains `model` on `train_rows`, validating on `val_rows` after every epoch, and calls
-/// `on_epoch` with each epoch's record (for progress and logs).
+/// Trains `model` on rows `train_rows` of `data`, validating on `val_rows` after every
+/// epoch, and calls `on_epoch` with each epoch's record (for progress and logs).
 ///
-/// Errors: no training or validation rows, a batch size or epoch count of 0, and a NaN or
-/// infinite loss (which names the epoch and step).
+/// Errors: no training or validation rows, a batch size or epoch count of 0, rows or labels
+/// out of range, and a NaN or infinite loss (which names the epoch and step).
 pub fn fit(
-    model: &mut impl Trainable,
+    model: &impl Model,
+    data: &Labelled,
+    classes: usize,
     train_rows: &[usize],
     val_rows: &[usize],
     opts: &TrainOptions,
     mut on_epoch: impl FnMut(&EpochRecord),
 ) -> Result<History> {
+    let settings = &opts.settings;
     if train_rows.is_empty() || val_rows.is_empty() {
-        return Err(Error::Training(format!(
-            "{} training and {} validation rows: both sides need at least one",
-            train_rows.len(),
-            val_rows.len()
-        )));
+        return Err(Error::EmptySplit {
+            train: train_rows.len(),
+            val: val_rows.len(),
+        });
     }
-    if opts.batch_size == 0 || opts.epochs == 0 {
-        return Err(Error::Training(
-            "batch size and epochs must be at least 1".into(),
-        ));
+    if settings.batch_size == 0 || settings.epochs == 0 {
+        return Err(Error::InvalidValue {
+            key: "batch_size / epochs".into(),
+            message: "must be at least 1".into(),
+        });
     }
-    let n_labels = model.labels().len();
-    if let Some(&r) = train_rows.iter().chain(val_rows).find(|&&r| r >= n_labels) {
-        return Err(Error::Training(format!(
-            "row {r} is out of range: the model holds {n_labels} rows"
-        )));
-    }
+    data.check(train_rows, classes)?;
+    data.check(val_rows, classes)?;
     let params = ParamsAdamW {
-        lr: opts.lr,
+        lr: settings.lr,
         // candle's AdamW decays by default; the study's optimiser is plain Adam.
         weight_decay: 0.0,
         ..Default::default()
     };
-    let mut opt = AdamW::new(model.vars(), params)?;
+    let mut opt = AdamW::new(model.params().trainable()?, params)?;
     let mut shuffler = Rng::new(opts.seed).fork(SHUFFLE_STREAM);
     let mut order = train_rows.to_vec();
     let mut history = History {
@@ -150,38 +199,39 @@ pub fn fit(
         stopped_early: false,
     };
     let mut best_loss = f64::INFINITY;
-    let mut best_state: Option<Vec<Tensor>> = None;
+    let mut best_state = None;
 
-    for epoch in 0..opts.epochs {
+    for epoch in 0..settings.epochs {
         let start = Instant::now();
-        let lr = learning_rate(opts, epoch);
+        let lr = learning_rate(settings, epoch);
         opt.set_learning_rate(lr);
         shuffler.shuffle(&mut order);
         let (mut loss_sum, mut correct) = (0.0f64, 0usize);
-        for (step, batch) in order.chunks(opts.batch_size).enumerate() {
-            let logits = model.train_logits(batch)?;
-            let targets = label_tensor(model, batch)?;
+        for (step, batch) in order.chunks(settings.batch_size).enumerate() {
+            let logits = model.forward_t(&data.rows(batch), true)?;
+            let targets = data.targets(batch)?;
             let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &targets)?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
-                return Err(Error::Training(format!(
-                    "the loss is {value} at epoch {}, step {} (learning rate {lr:e}): \
-                     try a lower learning rate",
-                    epoch + 1,
-                    step + 1
-                )));
+                return Err(Error::Diverged {
+                    epoch: epoch + 1,
+                    step: Some(step + 1),
+                    loss: value,
+                    lr,
+                });
             }
             opt.backward_step(&loss)?;
             loss_sum += value * batch.len() as f64;
-            correct += count_correct(&logits, &model.labels_of(batch))?;
+            correct += count_correct(&logits, data, batch)?;
         }
-        let (val_loss, val_accuracy) = evaluate(model, val_rows, opts.batch_size)?;
+        let (val_loss, val_accuracy) = evaluate(model, data, val_rows, settings.batch_size)?;
         if !val_loss.is_finite() {
-            return Err(Error::Training(format!(
-                "the validation loss is {val_loss} after epoch {} (learning rate {lr:e}): \
-                 try a lower learning rate",
-                epoch + 1
-            )));
+            return Err(Error::Diverged {
+                epoch: epoch + 1,
+                step: None,
+                loss: val_loss,
+                lr,
+            });
         }
         let record = EpochRecord {
             epoch: epoch + 1,
@@ -197,42 +247,59 @@ pub fn fit(
         if val_loss < best_loss {
             best_loss = val_loss;
             history.best_epoch = epoch + 1;
-            if opts.early_stopping.is_some() {
-                best_state = Some(snapshot(model)?);
+            if settings.early_stopping.is_some() {
+                best_state = Some(model.params().snapshot()?);
             }
         }
-        if let Some(patience) = opts.early_stopping {
-            if epoch + 1 - history.best_epoch >= patience && epoch + 1 < opts.epochs {
+        if let Some(patience) = settings.early_stopping {
+            if epoch + 1 - history.best_epoch >= patience && epoch + 1 < settings.epochs {
                 history.stopped_early = true;
                 break;
             }
         }
     }
     if let Some(state) = best_state {
-        restore(model, &state)?;
+        model.params().restore(&state)?;
     }
     Ok(history)
 }
 
-/// Loss and accuracy of `rows` in evaluation mode, in batches.
-pub fn evaluate(model: &impl Trainable, rows: &[usize], batch_size: usize) -> Result<(f64, f64)> {
+/// Loss and accuracy of rows `rows` of `data` in evaluation mode, in batches.
+pub fn evaluate(
+    model: &impl Model,
+    data: &Labelled,
+    rows: &[usize],
+    batch_size: usize,
+) -> Result<(f64, f64)> {
     let (mut loss_sum, mut correct) = (0.0f64, 0usize);
     for batch in rows.chunks(batch_size.max(1)) {
-        let logits = model.eval_logits(batch)?;
-        let targets = label_tensor(model, batch)?;
+        let logits = model.forward_t(&data.rows(batch), false)?;
+        let targets = data.targets(batch)?;
         let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &targets)?;
         loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
-        correct += count_correct(&logits, &model.labels_of(batch))?;
+        correct += count_correct(&logits, data, batch)?;
     }
     let n = rows.len().max(1) as f64;
     Ok((loss_sum / n, correct as f64 / n))
 }
 
-/// Softmax probabilities `[rows.len()][classes]` in evaluation mode, in batches.
-pub fn predict(model: &impl Trainable, rows: &[usize], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+/// Softmax probabilities `[rows.len()][classes]` of rows `rows` of `inputs` in evaluation
+/// mode, in batches.
+pub fn predict(
+    model: &impl Model,
+    inputs: &Tensor,
+    rows: &[usize],
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(rows.len());
     for batch in rows.chunks(batch_size.max(1)) {
-        let logits = model.eval_logits(batch)?;
+        let logits = model.forward_t(
+            &Rows {
+                data: inputs,
+                rows: batch,
+            },
+            false,
+        )?;
         out.extend(probabilities(&logits)?);
     }
     Ok(out)
@@ -244,146 +311,14 @@ pub fn probabilities(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(p.to_vec2::<f32>()?)
 }
 
-/// Labels of some rows.
-trait LabelsOf {
-    fn labels_of(&self, rows: &[usize]) -> Vec<usize>;
-}
-
-impl<T: Trainable + ?Sized> LabelsOf for T {
-    fn labels_of(&self, rows: &[usize]) -> Vec<usize> {
-        let labels = self.labels();
-        rows.iter().map(|&r| labels[r]).collect()
-    }
-}
-
-/// The labels of `rows` as a u32 tensor on the model's device (cross-entropy's targets).
-fn label_tensor(model: &impl Trainable, rows: &[usize]) -> Result<Tensor> {
-    let labels: Vec<u32> = model.labels_of(rows).iter().map(|&l| l as u32).collect();
-    Ok(Tensor::from_vec(labels, rows.len(), model.device())?)
-}
-
 /// Rows whose highest logit is at their label.
-fn count_correct(logits: &Tensor, labels: &[usize]) -> Result<usize> {
+fn count_correct(logits: &Tensor, data: &Labelled, rows: &[usize]) -> Result<usize> {
     let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
     Ok(pred
         .iter()
-        .zip(labels)
-        .filter(|(p, l)| **p as usize == **l)
+        .zip(rows)
+        .filter(|(p, &r)| **p as usize == data.labels[r])
         .count())
-}
-
-/// A deep copy of the model's state (not sharing storage with its vars).
-pub fn snapshot(model: &impl Trainable) -> Result<Vec<Tensor>> {
-    model
-        .state()
-        .iter()
-        .map(|(_, v)| Ok(v.as_tensor().copy()?))
-        .collect()
-}
-
-/// Writes a snapshot back into the model's vars, in [`Trainable::state`] order.
-pub fn restore(model: &impl Trainable, state: &[Tensor]) -> Result<()> {
-    let vars = model.state();
-    if vars.len() != state.len() {
-        return Err(Error::Training(format!(
-            "snapshot of {} tensors for a model of {}",
-            state.len(),
-            vars.len()
-        )));
-    }
-    for ((_, v), t) in vars.iter().zip(state) {
-        v.set(t)?;
-    }
-    Ok(())
-}
-
-/// Saves the model's state as safetensors (f32 on disk), with `metadata`, atomically.
-pub fn save_state(
-    model: &impl Trainable,
-    path: &Path,
-    metadata: HashMap<String, String>,
-) -> Result<()> {
-    let tensors = model
-        .state()
-        .into_iter()
-        .map(|(name, v)| {
-            Ok((
-                name,
-                v.as_tensor()
-                    .to_dtype(DType::F32)?
-                    .to_device(&Device::Cpu)?,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes =
-        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-            .map_err(|e| Error::Training(format!("serialising {}: {e}", path.display())))?;
-    crate::store::atomic_write(path, &bytes)
-}
-
-/// A saved state file: its metadata, and its tensors by name.
-pub struct SavedState {
-    pub path: std::path::PathBuf,
-    pub metadata: HashMap<String, String>,
-    bytes: Vec<u8>,
-}
-
-impl SavedState {
-    /// Reads a file written by [`save_state`].
-    pub fn open(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).at(path)?;
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::WeightsSource {
-            source_name: path.display().to_string(),
-            message: format!("not a safetensors file: {e}"),
-        })?;
-        Ok(Self {
-            path: path.to_owned(),
-            metadata: header.metadata().clone().unwrap_or_default(),
-            bytes,
-        })
-    }
-
-    /// Metadata field `key` parsed as JSON; an error names the file and the key.
-    pub fn field<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
-        let err = |message: String| Error::Weights {
-            path: self.path.clone(),
-            tensor: format!("metadata `{key}`"),
-            message,
-        };
-        let raw = self
-            .metadata
-            .get(key)
-            .ok_or_else(|| err("missing".into()))?;
-        serde_json::from_str(raw).map_err(|e| err(e.to_string()))
-    }
-
-    /// Copies every tensor of the model's state from the file (checking names and shapes),
-    /// converted to each var's dtype.
-    pub fn load_into(&self, model: &impl Trainable) -> Result<()> {
-        use candle_core::safetensors::Load;
-        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| Error::WeightsSource {
-            source_name: self.path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        for (name, var) in model.state() {
-            let err = |message: String| Error::Weights {
-                path: self.path.clone(),
-                tensor: name.clone(),
-                message,
-            };
-            let view = st.tensor(&name).map_err(|_| err("missing".into()))?;
-            if view.shape() != var.dims() {
-                return Err(err(format!(
-                    "shape {:?}, expected {:?}",
-                    view.shape(),
-                    var.dims()
-                )));
-            }
-            let t = view.load(var.device()).map_err(|e| err(e.to_string()))?;
-            var.set(&t.to_dtype(var.dtype())?)?;
-        }
-        Ok(())
-    }
 }
 
 /// The rows of `data` (`[n, ...]`) at `rows`, on `data`'s device.
@@ -393,89 +328,98 @@ pub(crate) fn select_rows(data: &Tensor, rows: &[usize]) -> Result<Tensor> {
     Ok(data.index_select(&ids, 0)?)
 }
 
-/// Draws `len` values from U(-bound, bound): PyTorch's default init of linear and conv layers
-/// uses `bound = 1 / sqrt(fan_in)` for both weight and bias.
-pub(crate) fn uniform(rng: &mut Rng, len: usize, bound: f32) -> Vec<f32> {
-    (0..len)
-        .map(|_| (rng.uniform_f32() * 2.0 - 1.0) * bound)
-        .collect()
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use candle_core::{Device, Var};
 
-    /// A linear softmax classifier over fixed rows, for testing the loop alone.
+    /// A linear softmax classifier, for testing the loop alone.
     pub struct Toy {
-        pub x: Tensor,
+        pub params: Params,
         pub w: Var,
         pub b: Var,
-        pub y: Vec<usize>,
     }
 
     impl Toy {
-        /// Two Gaussian blobs in 2-D, separable, `n` rows each.
-        pub fn blobs(n: usize, seed: u64) -> Self {
-            let mut rng = Rng::new(seed);
-            let mut x = Vec::new();
-            let mut y = Vec::new();
-            for i in 0..2 * n {
-                let c = i % 2;
-                let centre = if c == 0 { -2.0 } else { 2.0 };
-                x.push(centre + 0.5 * rng.normal_f32());
-                x.push(centre + 0.5 * rng.normal_f32());
-                y.push(c);
-            }
-            let dev = Device::Cpu;
-            let x = Tensor::from_vec(x, (2 * n, 2), &dev).expect("x");
-            let w = Var::from_vec(uniform(&mut rng, 4, 0.7), (2, 2), &dev).expect("w");
-            let b = Var::zeros(2, DType::F32, &dev).expect("b");
-            Self { x, w, b, y }
+        pub fn new(rng: &mut Rng) -> Self {
+            let params = Params::new(DType::F32, &Device::Cpu);
+            let w = params.uniform("w", (2, 2), 0.7, rng).expect("w");
+            let b = params.constant("b", 2, 0.0).expect("b");
+            Self { params, w, b }
         }
     }
 
-    impl Trainable for Toy {
-        fn vars(&self) -> Vec<Var> {
-            vec![self.w.clone(), self.b.clone()]
+    impl Model for Toy {
+        fn params(&self) -> &Params {
+            &self.params
         }
-        fn state(&self) -> Vec<(String, Var)> {
-            vec![("w".into(), self.w.clone()), ("b".into(), self.b.clone())]
-        }
-        fn train_logits(&mut self, rows: &[usize]) -> Result<Tensor> {
-            self.eval_logits(rows)
-        }
-        fn eval_logits(&self, rows: &[usize]) -> Result<Tensor> {
-            let x = select_rows(&self.x, rows)?;
-            Ok(x.matmul(&self.w.as_tensor().t()?)?
+        fn forward_t(&self, x: &Rows, _train: bool) -> Result<Tensor> {
+            Ok(x.gather()?
+                .matmul(&self.w.as_tensor().t()?)?
                 .broadcast_add(self.b.as_tensor())?)
         }
-        fn labels(&self) -> &[usize] {
-            &self.y
+    }
+
+    /// Two Gaussian blobs in 2-D, separable, `n` rows each, and a fresh model.
+    pub fn blobs(n: usize, seed: u64) -> (Tensor, Vec<usize>, Toy) {
+        let mut rng = Rng::new(seed);
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for i in 0..2 * n {
+            let c = i % 2;
+            let centre = if c == 0 { -2.0 } else { 2.0 };
+            x.push(centre + 0.5 * rng.normal_f32());
+            x.push(centre + 0.5 * rng.normal_f32());
+            y.push(c);
         }
-        fn device(&self) -> &Device {
-            self.x.device()
-        }
+        let x = Tensor::from_vec(x, (2 * n, 2), &Device::Cpu).expect("x");
+        let toy = Toy::new(&mut rng);
+        (x, y, toy)
     }
 
     pub fn opts(epochs: usize, lr: f64) -> TrainOptions {
         TrainOptions {
-            epochs,
-            batch_size: 8,
-            lr,
-            schedule: Schedule::Constant,
-            step_size: 10,
-            gamma: 0.1,
-            early_stopping: None,
+            settings: TrainSettings {
+                epochs,
+                batch_size: 8,
+                lr,
+                schedule: Schedule::Constant,
+                step_size: 10,
+                gamma: 0.1,
+                early_stopping: None,
+            },
             seed: 13,
         }
     }
 
+    fn train(
+        toy: &Toy,
+        x: &Tensor,
+        y: &[usize],
+        rows: &[usize],
+        val: &[usize],
+        o: &TrainOptions,
+    ) -> Result<History> {
+        let data = Labelled {
+            inputs: x,
+            labels: y,
+        };
+        fit(toy, &data, 2, rows, val, o, |_| {})
+    }
+
     #[test]
     fn loss_decreases_on_a_separable_problem() {
-        let mut toy = Toy::blobs(40, 1);
-        let (train, val): (Vec<usize>, Vec<usize>) = (0..80).partition(|r| r % 5 != 0);
+        let (x, y, toy) = blobs(40, 1);
+        let (train_rows, val): (Vec<usize>, Vec<usize>) = (0..80).partition(|r| r % 5 != 0);
         let mut seen = 0;
-        let h = fit(&mut toy, &train, &val, &opts(20, 0.05), |_| seen += 1).expect("fit");
+        let data = Labelled {
+            inputs: &x,
+            labels: &y,
+        };
+        let h = fit(&toy, &data, 2, &train_rows, &val, &opts(20, 0.05), |_| {
+            seen += 1
+        })
+        .expect("fit");
         assert_eq!(seen, 20);
         assert_eq!(h.epochs.len(), 20);
         let first = &h.epochs[0];
@@ -487,22 +431,22 @@ pub(crate) mod tests {
         assert!(last.val_loss < first.val_loss);
         assert_eq!(last.val_accuracy, 1.0);
         assert!(!h.stopped_early);
-        let p = predict(&toy, &val, 3).expect("predict");
+        let p = predict(&toy, &x, &val, 3).expect("predict");
         assert_eq!(p.len(), val.len());
         for (row, probs) in val.iter().zip(&p) {
             assert!((probs.iter().sum::<f32>() - 1.0).abs() < 1e-5);
-            assert!(probs[toy.y[*row]] > 0.5);
+            assert!(probs[y[*row]] > 0.5);
         }
     }
 
     #[test]
     fn same_seed_same_history_other_seed_other_order() {
         let run = |seed| {
-            let mut toy = Toy::blobs(20, 1);
+            let (x, y, toy) = blobs(20, 1);
             let mut o = opts(3, 0.05);
             o.seed = seed;
-            let train: Vec<usize> = (0..30).collect();
-            let h = fit(&mut toy, &train, &[30, 31, 32], &o, |_| {}).expect("fit");
+            let rows: Vec<usize> = (0..30).collect();
+            let h = train(&toy, &x, &y, &rows, &[30, 31, 32], &o).expect("fit");
             h.epochs.iter().map(|e| e.train_loss).collect::<Vec<_>>()
         };
         assert_eq!(run(1), run(1));
@@ -512,23 +456,24 @@ pub(crate) mod tests {
     #[test]
     fn schedules() {
         let mut o = opts(10, 0.1);
-        assert_eq!(learning_rate(&o, 7), 0.1);
-        o.schedule = Schedule::Step;
-        o.step_size = 3;
-        o.gamma = 0.5;
-        let step: Vec<f64> = (0..7).map(|e| learning_rate(&o, e)).collect();
+        let s = &mut o.settings;
+        assert_eq!(learning_rate(s, 7), 0.1);
+        s.schedule = Schedule::Step;
+        s.step_size = 3;
+        s.gamma = 0.5;
+        let step: Vec<f64> = (0..7).map(|e| learning_rate(s, e)).collect();
         assert_eq!(step, [0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025]);
-        o.schedule = Schedule::Cosine;
-        assert_eq!(learning_rate(&o, 0), 0.1);
-        assert!((learning_rate(&o, 5) - 0.05).abs() < 1e-15);
+        s.schedule = Schedule::Cosine;
+        assert_eq!(learning_rate(s, 0), 0.1);
+        assert!((learning_rate(s, 5) - 0.05).abs() < 1e-15);
         let expected = 0.1 * 0.5 * (1.0 + (std::f64::consts::PI * 0.9).cos());
-        assert!((learning_rate(&o, 9) - expected).abs() < 1e-15);
-        assert!(learning_rate(&o, 10).abs() < 1e-15);
+        assert!((learning_rate(s, 9) - expected).abs() < 1e-15);
+        assert!(learning_rate(s, 10).abs() < 1e-15);
         // The loop uses and records them.
-        let mut toy = Toy::blobs(8, 1);
-        let h = fit(&mut toy, &[0, 1, 2, 3], &[4, 5], &o, |_| {}).expect("fit");
+        let (x, y, toy) = blobs(8, 1);
+        let h = train(&toy, &x, &y, &[0, 1, 2, 3], &[4, 5], &o).expect("fit");
         let lrs: Vec<f64> = h.epochs.iter().map(|e| e.lr).collect();
-        let want: Vec<f64> = (0..10).map(|e| learning_rate(&o, e)).collect();
+        let want: Vec<f64> = (0..10).map(|e| learning_rate(&o.settings, e)).collect();
         assert_eq!(lrs, want);
     }
 
@@ -536,21 +481,22 @@ pub(crate) mod tests {
     fn a_diverging_loss_is_an_error_naming_the_step() {
         // Separable data only drives the loss to 0 however large the steps; with some labels
         // flipped, Adam's steps of ~lr overflow the logits to infinity.
-        let mut toy = Toy::blobs(20, 1);
-        for r in 0..4 {
-            toy.y[r] = 1 - toy.y[r];
+        let (x, mut y, toy) = blobs(20, 1);
+        for label in y.iter_mut().take(4) {
+            *label = 1 - *label;
         }
-        let train: Vec<usize> = (0..30).collect();
-        let err = fit(&mut toy, &train, &[30, 31], &opts(5, 1e38), |_| {}).expect_err("inf");
+        let rows: Vec<usize> = (0..30).collect();
+        let err = train(&toy, &x, &y, &rows, &[30, 31], &opts(5, 1e38)).expect_err("inf");
         let msg = err.to_string();
         assert!(
             msg.contains("epoch") && msg.contains("lower learning rate"),
             "{msg}"
         );
+        assert!(matches!(err, Error::Diverged { .. }), "{err:?}");
 
-        let mut toy = Toy::blobs(20, 1);
-        toy.x = (toy.x.clone() * f64::NAN).expect("nan features");
-        let err = fit(&mut toy, &train, &[30, 31], &opts(5, 0.01), |_| {}).expect_err("nan");
+        let (x, y, toy) = blobs(20, 1);
+        let x = (x * f64::NAN).expect("nan features");
+        let err = train(&toy, &x, &y, &rows, &[30, 31], &opts(5, 0.01)).expect_err("nan");
         assert!(err.to_string().contains("epoch 1, step 1"), "{err}");
     }
 
@@ -558,17 +504,21 @@ pub(crate) mod tests {
     fn early_stopping_restores_the_best_epoch() {
         // Validation rows labelled against the pattern: the validation loss rises as training
         // fits, so the best epoch is the first and training stops after `patience` more.
-        let mut toy = Toy::blobs(20, 1);
-        let train: Vec<usize> = (0..30).collect();
-        toy.y[30] = 1 - toy.y[30];
-        toy.y[31] = 1 - toy.y[31];
+        let (x, mut y, toy) = blobs(20, 1);
+        let rows: Vec<usize> = (0..30).collect();
+        y[30] = 1 - y[30];
+        y[31] = 1 - y[31];
         let mut o = opts(50, 0.05);
-        o.early_stopping = Some(3);
-        let h = fit(&mut toy, &train, &[30, 31], &o, |_| {}).expect("fit");
+        o.settings.early_stopping = Some(3);
+        let h = train(&toy, &x, &y, &rows, &[30, 31], &o).expect("fit");
         assert!(h.stopped_early);
         assert_eq!(h.epochs.len(), h.best_epoch + 3);
         let best = &h.epochs[h.best_epoch - 1];
-        let (val_loss, _) = evaluate(&toy, &[30, 31], 8).expect("eval");
+        let data = Labelled {
+            inputs: &x,
+            labels: &y,
+        };
+        let (val_loss, _) = evaluate(&toy, &data, &[30, 31], 8).expect("eval");
         assert!(
             (val_loss - best.val_loss).abs() < 1e-6,
             "{val_loss} vs {best:?}"
@@ -578,9 +528,18 @@ pub(crate) mod tests {
 
     #[test]
     fn empty_sides_and_bad_rows_are_errors() {
-        let mut toy = Toy::blobs(4, 1);
-        assert!(fit(&mut toy, &[], &[1], &opts(1, 0.1), |_| {}).is_err());
-        assert!(fit(&mut toy, &[0], &[], &opts(1, 0.1), |_| {}).is_err());
-        assert!(fit(&mut toy, &[0, 99], &[1], &opts(1, 0.1), |_| {}).is_err());
+        let (x, mut y, toy) = blobs(4, 1);
+        let o = opts(1, 0.1);
+        let err = train(&toy, &x, &y, &[], &[1], &o).expect_err("no training rows");
+        assert!(
+            matches!(err, Error::EmptySplit { train: 0, val: 1 }),
+            "{err:?}"
+        );
+        assert!(train(&toy, &x, &y, &[0], &[], &o).is_err());
+        let err = train(&toy, &x, &y, &[0, 99], &[1], &o).expect_err("row 99");
+        assert!(err.to_string().contains("row 99"), "{err}");
+        y[2] = 5;
+        let err = train(&toy, &x, &y, &[0, 1], &[3], &o).expect_err("label 5");
+        assert!(err.to_string().contains("label 5"), "{err}");
     }
 }

@@ -1,8 +1,9 @@
-//! Custom CPU ops with hand-written backward passes for the baseline CNN ([`crate::cnn`]): the
-//! 3x3 convolution (stride 1, zero padding 1) with its bias, and BatchNorm2d + ReLU + 2x2
-//! max-pool fused into one op. candle's autograd still drives training: these are ordinary
-//! candle tensors ([`CustomOp3`]) whose `bwd` runs our kernels, so the model stays plain
-//! candle code.
+//! The models' custom CPU ops, with hand-written backward passes: for the baseline CNN
+//! ([`crate::cnn`]) the 3x3 convolution (stride 1, zero padding 1) with its bias, and
+//! BatchNorm2d + ReLU + 2x2 max-pool fused into one op; for the feature head
+//! ([`crate::head`]) a linear layer that reads its batch's rows in place ([`gather_linear`]).
+//! candle's autograd still drives training: these are ordinary candle tensors
+//! ([`CustomOp3`]) whose `bwd` runs our kernels, so the models stay plain candle code.
 //!
 //! Why: candle's CPU `conv2d` backward always computes the input gradient with a direct
 //! `conv_transpose2d` loop (also for the first layer, whose input is the images) and the
@@ -34,7 +35,7 @@ pub(crate) fn data<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&all[a..b]),
         None => Err(candle_core::Error::Msg(
-            "cnn_ops: argument is not contiguous".into(),
+            "ops: argument is not contiguous".into(),
         )),
     }
 }
@@ -55,14 +56,13 @@ macro_rules! dispatch {
                 type $t = f64;
                 $body
             }
-            other => Err($crate::cnn_ops::op_error(format!(
+            other => Err($crate::ops::op_error(format!(
                 "{}: unsupported dtype {other:?}",
                 $name
             ))),
         }
     };
 }
-pub(crate) use dispatch;
 
 // ---------------------------------------------------------------------------------------------
 // Row kernels. Plain loops over equal-length slices, which LLVM vectorises.
@@ -148,7 +148,6 @@ macro_rules! multiversion {
         }
     };
 }
-pub(crate) use multiversion;
 
 /// One image of the forward: `yb [cout, h, w] = bias + conv(xb [cin, h, w])`, with `xp` a
 /// zeroed scratch of `cin` padded planes.
@@ -456,11 +455,14 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (_, cin, _, _) = x.dims4()?;
     let (cout, wcin, kh, kw) = weight.dims4()?;
     if (wcin, kh, kw) != (cin, 3, 3) || bias.dims() != [cout] {
-        return Err(Error::Training(format!(
-            "3x3 convolution of {cin} channels with weight {:?} and bias {:?}",
-            weight.dims(),
-            bias.dims()
-        )));
+        return Err(Error::Model {
+            model: "conv3x3".into(),
+            message: format!(
+                "{cin} input channels with weight {:?} and bias {:?}",
+                weight.dims(),
+                bias.dims()
+            ),
+        });
     }
     let op = Conv3x3 {
         input_grad: x.track_op(),
@@ -847,13 +849,16 @@ pub fn bn_relu_pool(
         || h < 2
         || w < 2
     {
-        return Err(Error::Training(format!(
-            "batch norm + pool of {:?} with gamma {:?}, beta {:?} and {} statistics",
-            y.dims(),
-            gamma.dims(),
-            beta.dims(),
-            stats.mean.len()
-        )));
+        return Err(Error::Model {
+            model: "bn_relu_pool".into(),
+            message: format!(
+                "input {:?} with gamma {:?}, beta {:?} and {} statistics",
+                y.dims(),
+                gamma.dims(),
+                beta.dims(),
+                stats.mean.len()
+            ),
+        });
     }
     let op = BnReluPool {
         mean: stats.mean.clone(),
@@ -862,4 +867,194 @@ pub fn bn_relu_pool(
     };
     Ok(y.contiguous()?
         .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?)
+}
+
+/// `out[r] = features[rows[r]] . weight^T + bias`, without copying the rows out: `features
+/// [n, dim]` (never given a gradient: cached data), `weight [out, dim]`, `bias [out]` ->
+/// `[rows.len(), out]`. Row indices must be in range (checked).
+///
+/// Why not `index_select` + `matmul`: for a linear head, the step is a few passes over the
+/// batch's features, and candle's matmul backward also computes the (unneeded) gradient of
+/// the selected rows (a `[batch, dim]` zeros + matmul + add) besides the copy itself.
+pub fn gather_linear(
+    features: &Tensor,
+    rows: &[usize],
+    weight: &Tensor,
+    bias: &Tensor,
+) -> Result<Tensor> {
+    let (n, dim) = features.dims2()?;
+    let (out, wdim) = weight.dims2()?;
+    if wdim != dim || bias.dims() != [out] {
+        return Err(Error::Model {
+            model: "gather_linear".into(),
+            message: format!(
+                "linear layer {:?} + {:?} over features [{n}, {dim}]",
+                weight.dims(),
+                bias.dims()
+            ),
+        });
+    }
+    if let Some(r) = rows.iter().find(|&&r| r >= n) {
+        return Err(Error::Model {
+            model: "gather_linear".into(),
+            message: format!("row {r} of {n} feature rows"),
+        });
+    }
+    let op = GatherLinear {
+        rows: rows.to_vec(),
+    };
+    Ok(features
+        .contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?)
+}
+
+/// Forward of [`gather_linear`].
+struct GatherLinear {
+    rows: Vec<usize>,
+}
+
+/// One output row: `yr[o] = b[o] + xr . w[o]`.
+#[inline(always)]
+fn gather_row_kernel<T: Float>(xr: &[T], w: &[T], b: &[T], yr: &mut [T]) {
+    let dim = xr.len();
+    for (o, v) in yr.iter_mut().enumerate() {
+        *v = T::from_f64(b[o].to_f64() + dot(xr, &w[o * dim..][..dim]));
+    }
+}
+
+multiversion!(fn gather_row<T>(xr: &[T], w: &[T], b: &[T], yr: &mut [T]) => gather_row_kernel);
+
+fn gather_linear_forward<T: Float>(x: &[T], w: &[T], b: &[T], rows: &[usize]) -> Vec<T> {
+    let out = b.len();
+    let dim = w.len() / out.max(1);
+    let mut y = vec![T::from_f64(0.0); rows.len() * out];
+    y.par_chunks_mut(out.max(1))
+        .zip(rows.par_iter())
+        .for_each(|(yr, &r)| gather_row(&x[r * dim..][..dim], w, b, yr));
+    y
+}
+
+/// Columns `start..start + acc.len() / out` of `dweight`, into `acc [out, len]`.
+#[inline(always)]
+fn grad_columns_kernel<T: Float>(
+    x: &[T],
+    g: &[T],
+    rows: &[usize],
+    dim: usize,
+    start: usize,
+    acc: &mut [T],
+) {
+    let out = g.len() / rows.len().max(1);
+    let len = acc.len() / out.max(1);
+    for (k, &r) in rows.iter().enumerate() {
+        let xr = &x[r * dim + start..][..len];
+        for o in 0..out {
+            axpy(&mut acc[o * len..][..len], g[k * out + o], xr);
+        }
+    }
+}
+
+multiversion!(fn grad_columns<T>(x: &[T], g: &[T], rows: &[usize], dim: usize, start: usize, acc: &mut [T]) => grad_columns_kernel);
+
+/// Packed `[dweight (out * dim) | dbias (out)]`: `dweight[o] = sum_r g[r, o] * x[rows[r]]`,
+/// split over column ranges (no reduction across threads: deterministic).
+fn gather_linear_backward<T: Float>(x: &[T], g: &[T], rows: &[usize], dim: usize) -> Vec<T> {
+    const COLS: usize = 2048;
+    let out = g.len() / rows.len().max(1);
+    let chunks: Vec<Vec<T>> = (0..dim.div_ceil(COLS))
+        .into_par_iter()
+        .map(|c| {
+            let (start, len) = (c * COLS, COLS.min(dim - c * COLS));
+            let mut acc = vec![T::from_f64(0.0); out * len];
+            grad_columns(x, g, rows, dim, start, &mut acc);
+            acc
+        })
+        .collect();
+    let mut packed = vec![T::from_f64(0.0); out * dim + out];
+    for (c, acc) in chunks.iter().enumerate() {
+        let (start, len) = (c * COLS, COLS.min(dim - c * COLS));
+        for o in 0..out {
+            packed[o * dim + start..][..len].copy_from_slice(&acc[o * len..][..len]);
+        }
+    }
+    for o in 0..out {
+        let s: f64 = (0..rows.len()).map(|k| g[k * out + o].to_f64()).sum();
+        packed[out * dim + o] = T::from_f64(s);
+    }
+    packed
+}
+
+impl CustomOp3 for GatherLinear {
+    fn name(&self) -> &'static str {
+        "gather-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = l3.dims().first().copied().unwrap_or(0);
+        dispatch!(s1.dtype(), "gather-linear", T => {
+            let y = gather_linear_forward::<T>(
+                data(s1, l1)?, data(s2, l2)?, data(s3, l3)?, &self.rows,
+            );
+            Ok((T::to_cpu_storage_owned(y), Shape::from((self.rows.len(), out))))
+        })
+    }
+
+    fn bwd(
+        &self,
+        features: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = GatherLinearGrad {
+            rows: self.rows.clone(),
+        };
+        let packed = features.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+        let n = weight.elem_count();
+        let dw = packed.narrow(0, 0, n)?.reshape(weight.shape())?;
+        let db = packed.narrow(0, n, bias.elem_count())?;
+        Ok((None, Some(dw), Some(db)))
+    }
+}
+
+/// `(features, grad)` -> packed `[dweight | dbias]` (see [`gather_linear_backward`]).
+struct GatherLinearGrad {
+    rows: Vec<usize>,
+}
+
+impl CustomOp2 for GatherLinearGrad {
+    fn name(&self) -> &'static str {
+        "gather-linear-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, dim) = l1.shape().dims2()?;
+        let (rows, out) = l2.shape().dims2()?;
+        if rows != self.rows.len() {
+            return Err(op_error(format!(
+                "gather-linear backward: gradient {:?} for {} rows",
+                l2.dims(),
+                self.rows.len()
+            )));
+        }
+        dispatch!(s1.dtype(), "gather-linear backward", T => {
+            let p = gather_linear_backward::<T>(data(s1, l1)?, data(s2, l2)?, &self.rows, dim);
+            Ok((T::to_cpu_storage_owned(p), Shape::from(out * dim + out)))
+        })
+    }
 }
