@@ -297,11 +297,14 @@ pub struct TrainSettings {
     pub step_size: usize,
     /// Factor of the step schedule. Default: 0.1.
     pub gamma: f64,
+    /// Decoupled weight decay of Adam (AdamW's). Default: 0 (the study's plain Adam).
+    #[serde(default)]
+    pub weight_decay: f64,
 }
 
 impl TrainSettings {
     /// The keys of [`TrainSettings`], as they appear flat in `[head]` and `[cnn]`.
-    pub const KEYS: [&'static str; 7] = [
+    pub const KEYS: [&'static str; 8] = [
         "lr",
         "epochs",
         "batch_size",
@@ -309,6 +312,7 @@ impl TrainSettings {
         "schedule",
         "step_size",
         "gamma",
+        "weight_decay",
     ];
 
     /// Settings with a constant learning rate and no early stopping.
@@ -321,6 +325,7 @@ impl TrainSettings {
             schedule: Schedule::Constant,
             step_size: 10,
             gamma: 0.1,
+            weight_decay: 0.0,
         }
     }
 
@@ -340,6 +345,9 @@ impl TrainSettings {
         if self.lr.is_nan() || self.lr <= 0.0 {
             return bad("lr", "must be positive");
         }
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
+            return bad("weight_decay", "must be 0 or positive");
+        }
         if self.early_stopping == Some(0) {
             return bad(
                 "early_stopping",
@@ -358,6 +366,13 @@ pub struct HeadConfig {
     pub kind: HeadKind,
     /// Dropout of the mlp head. Default: 0.5.
     pub dropout: f32,
+    /// Feature scaling fitted on the training rows and saved with the head. Default: none.
+    pub scaling: crate::scaling::Scaling,
+    /// The logistic head's inverse penalties `C` (lambda = 1 / (C n)); with more than one,
+    /// cross-validation picks one. Default: 1e-4, 1e-3, ..., 1e4.
+    pub c: Vec<f64>,
+    /// Folds of the logistic head's cross-validation. Default: 5.
+    pub cv_folds: usize,
     /// Default: lr 0.0005, 30 epochs, batch 128, constant schedule, no early stopping.
     pub train: TrainSettings,
 }
@@ -367,6 +382,9 @@ impl Default for HeadConfig {
         Self {
             kind: HeadKind::Linear,
             dropout: 0.5,
+            scaling: crate::scaling::Scaling::None,
+            c: crate::logistic::C_GRID.to_vec(),
+            cv_folds: 5,
             train: TrainSettings::new(0.0005, 30, 128),
         }
     }
@@ -376,10 +394,13 @@ impl Default for HeadConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HeadKind {
-    /// features -> classes.
+    /// features -> classes, trained with Adam (the study's recipe).
     Linear,
     /// The VGG classifier: features -> 4096 -> 4096 -> classes, ReLU and dropout.
     Mlp,
+    /// features -> classes: L2-penalised multinomial logistic regression solved to
+    /// convergence, the penalty chosen by cross-validation ([`crate::logistic`]).
+    Logistic,
 }
 
 /// Learning-rate schedules.
@@ -531,6 +552,15 @@ impl Config {
             return bad("split.val_fraction", "must be between 0 and 1 (exclusive)");
         }
         self.head.train.validate("head")?;
+        if self.head.c.is_empty() || self.head.c.iter().any(|c| !(c.is_finite() && *c > 0.0)) {
+            return bad("head.c", "needs one or more positive values");
+        }
+        if self.head.c.len() > 1 && self.head.cv_folds < 2 {
+            return bad(
+                "head.cv_folds",
+                "must be at least 2 to choose among several `c`",
+            );
+        }
         self.cnn.train.validate("cnn")?;
         if !(0.0..1.0).contains(&self.head.dropout) {
             return bad("head.dropout", "must be in [0, 1)");

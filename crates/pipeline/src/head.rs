@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::ops::gather_linear;
 use crate::params::{Params, SavedState};
 use crate::rng::Rng;
+use crate::scaling::{Scaler, Scaling};
 use crate::train::{Model, Rows};
 use crate::weights::Weights;
 
@@ -49,7 +50,7 @@ impl HeadShape {
     /// A head of `kind` over `dim` features; an MLP has the VGG classifier's 4096-wide layers.
     pub fn new(kind: HeadKind, dim: usize, classes: usize, dropout: f32) -> Self {
         let hidden = match kind {
-            HeadKind::Linear => 0,
+            HeadKind::Linear | HeadKind::Logistic => 0,
             HeadKind::Mlp => MLP_HIDDEN,
         };
         Self {
@@ -84,7 +85,7 @@ impl HeadShape {
     /// (name, inputs, outputs) of each layer, in order.
     fn layers(&self) -> Vec<(&'static str, usize, usize)> {
         match self.kind {
-            HeadKind::Linear => vec![("fc", self.dim, self.classes)],
+            HeadKind::Linear | HeadKind::Logistic => vec![("fc", self.dim, self.classes)],
             HeadKind::Mlp => vec![
                 ("fc1", self.dim, self.hidden),
                 ("fc2", self.hidden, self.hidden),
@@ -111,8 +112,13 @@ impl Linear {
 }
 
 /// The feature head: parameters only; the trainer passes the feature rows.
+///
+/// Its [`Scaler`] (fitted on the training rows) is part of it: [`Head::logits`] applies it to
+/// new features, while [`Model::forward_t`] takes rows already scaled (the trainer scales the
+/// whole training matrix once).
 pub struct Head {
     shape: HeadShape,
+    scaler: Scaler,
     params: Params,
     /// `fc` alone, or `fc1`, `fc2`, `fc`.
     layers: Vec<Linear>,
@@ -167,10 +173,66 @@ impl Head {
         }
         Ok(Self {
             shape: *shape,
+            scaler: Scaler::none(),
             params,
             layers,
             dropout_rng: Mutex::new(rng.fork(DROPOUT_STREAM)),
         })
+    }
+
+    /// A linear or logistic head with given weights (`[classes][dim]` row-major) and bias, in
+    /// f32 on `device`.
+    pub fn from_weights(
+        shape: &HeadShape,
+        weight: &[f64],
+        bias: &[f64],
+        device: &Device,
+    ) -> Result<Self> {
+        shape.check()?;
+        let (dim, classes) = (shape.dim, shape.classes);
+        if shape.kind == HeadKind::Mlp || weight.len() != dim * classes || bias.len() != classes {
+            return Err(Error::Model {
+                model: "head".into(),
+                message: format!(
+                    "{} weights and {} biases for a {:?} head of {dim} features and {classes} classes",
+                    weight.len(),
+                    bias.len(),
+                    shape.kind
+                ),
+            });
+        }
+        let params = Params::new(DType::F32, device);
+        let w = Tensor::from_slice(weight, (classes, dim), device)?;
+        let b = Tensor::from_slice(bias, classes, device)?;
+        let layers = vec![Linear {
+            weight: params.tensor("fc.weight", &w)?,
+            bias: params.tensor("fc.bias", &b)?,
+        }];
+        Ok(Self {
+            shape: *shape,
+            scaler: Scaler::none(),
+            params,
+            layers,
+            dropout_rng: Mutex::new(Rng::new(0).fork(DROPOUT_STREAM)),
+        })
+    }
+
+    /// The head with `scaler`, whose statistics are then saved and loaded with it.
+    pub fn with_scaler(mut self, scaler: Scaler) -> Result<Self> {
+        if let (Some(mean), Some(inv)) = (&scaler.mean, &scaler.inv_std) {
+            let dev = self.params.device().clone();
+            let n = mean.len();
+            self.params
+                .buffer_tensor("scaler.mean", &Tensor::from_slice(mean, n, &dev)?)?;
+            self.params
+                .buffer_tensor("scaler.inv_std", &Tensor::from_slice(inv, n, &dev)?)?;
+        }
+        self.scaler = scaler;
+        Ok(self)
+    }
+
+    pub fn scaler(&self) -> &Scaler {
+        &self.scaler
     }
 
     pub fn shape(&self) -> &HeadShape {
@@ -231,9 +293,11 @@ impl Head {
                 ),
             });
         }
-        let features = features
-            .to_dtype(self.params.dtype())?
-            .to_device(self.params.device())?;
+        let features = self.scaler.apply(
+            &features
+                .to_dtype(self.params.dtype())?
+                .to_device(self.params.device())?,
+        )?;
         let rows: Vec<usize> = (0..n).collect();
         self.forward_t(
             &Rows {
@@ -255,6 +319,10 @@ impl Head {
             ("hidden", s.hidden.to_string()),
             ("classes", s.classes.to_string()),
             ("dropout", s.dropout.to_string()),
+            (
+                "scaling",
+                serde_json::to_string(&self.scaler.kind).unwrap_or_default(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -286,9 +354,29 @@ impl Head {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // Heads saved before scaling existed have no `scaling`: they had none.
+        let kind: Scaling = if saved.metadata.contains_key("scaling") {
+            saved.field("scaling")?
+        } else {
+            Scaling::None
+        };
+        let stats = match kind {
+            Scaling::Standardize => Some((
+                params.buffer("scaler.mean", shape.dim, 0.0)?,
+                params.buffer("scaler.inv_std", shape.dim, 0.0)?,
+            )),
+            Scaling::None | Scaling::L2 => None,
+        };
         params.load(&saved)?;
+        let values = |v: &Var| -> Result<Vec<f32>> { Ok(v.as_tensor().to_vec1::<f32>()?) };
+        let scaler = Scaler {
+            kind,
+            mean: stats.as_ref().map(|(m, _)| values(m)).transpose()?,
+            inv_std: stats.as_ref().map(|(_, s)| values(s)).transpose()?,
+        };
         Ok(Self {
             shape,
+            scaler,
             params,
             layers,
             // Dropout is off outside training; a loaded head trained again draws its masks

@@ -83,7 +83,13 @@ impl Params {
 
     /// A buffer filled with `value`: saved and restored with the model, never trained.
     pub fn buffer(&self, name: &str, shape: impl Into<Shape>, value: f64) -> Result<Var> {
-        let var = self.constant(name, shape, value)?;
+        let t = (Tensor::ones(shape, DType::F32, &self.device)? * value)?;
+        self.buffer_tensor(name, &t)
+    }
+
+    /// Registers `t` as buffer `name`: saved and restored with the model, never trained.
+    pub fn buffer_tensor(&self, name: &str, t: &Tensor) -> Result<Var> {
+        let var = self.tensor(name, t)?;
         self.buffers
             .lock()
             .map_err(|_| poisoned())?

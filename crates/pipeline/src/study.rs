@@ -21,9 +21,10 @@ use crate::plot::{confusion_matrix_png, line_chart, Series};
 use crate::report::{markdown_table, terminal_table, winner, ModelRow};
 use crate::rng::Rng;
 use crate::runs::{latest, RunDir, METRICS_FILE};
+use crate::scaling::Scaler;
 use crate::split::{stratified_split, Split};
 use crate::store::FeatureStore;
-use crate::train::{fit, predict, EpochRecord, History, Labelled, Model, TrainOptions};
+use crate::train::{evaluate, fit, predict, EpochRecord, History, Labelled, Model, TrainOptions};
 
 /// Sub-stream of the seed that initialises model weights.
 const INIT_STREAM: u64 = 0x494e_4954; // "INIT"
@@ -146,15 +147,11 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
     let mut rng = Rng::new(config.split.seed).fork(INIT_STREAM);
     let dim = set.manifest.dim;
     let classes = plan.dataset.classes.clone();
-    let features = set.features.to_device(&device)?;
-    let shape = HeadShape::new(h.kind, dim, classes.len(), h.dropout);
-    let head = Head::new(
-        &shape,
-        Some(&plan.weights),
-        &mut rng,
-        features.dtype(),
-        &device,
-    )?;
+    // Scaling is fitted on the training rows only, then applied to every row once.
+    let raw = set.features.to_device(&device)?;
+    let scaler = Scaler::fit(h.scaling, &raw, &train_rows)?;
+    let features = scaler.apply(&raw)?;
+    drop(raw);
     let data = Labelled {
         inputs: &features,
         labels: &set.labels,
@@ -162,29 +159,109 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
     let kind = match h.kind {
         HeadKind::Linear => "linear",
         HeadKind::Mlp => "mlp",
+        HeadKind::Logistic => "logistic",
     };
     let run = RunDir::create(&config.output.runs, &format!("head-{kind}"))?;
     run.write_config(config)?;
     run.write_json("cache_key.json", &set.manifest.key)?;
-    let opts = TrainOptions {
-        settings: h.train.clone(),
-        seed: config.split.seed,
-    };
-    let name = format!("VGG16 + {kind} head");
-    let outcome = train_and_record(
-        &head,
-        &data,
-        &run,
-        "head",
-        &name,
+    let shape = HeadShape::new(h.kind, dim, classes.len(), h.dropout);
+    let spec = RunSpec {
+        run: &run,
+        kind: "head",
+        name: &format!("VGG16 + {kind} head"),
         classes,
         split,
-        &train_rows,
-        &val_rows,
-        &opts,
-    )?;
+        train_rows: &train_rows,
+        val_rows: &val_rows,
+        epochs: if h.kind == HeadKind::Logistic {
+            1
+        } else {
+            h.train.epochs
+        },
+        batch_size: h.train.batch_size,
+    };
+    let train: Train<'_, Head> = match h.kind {
+        HeadKind::Logistic => logistic_head(config, &shape, scaler, &data, &spec),
+        HeadKind::Linear | HeadKind::Mlp => {
+            let head = Head::new(
+                &shape,
+                Some(&plan.weights),
+                &mut rng,
+                features.dtype(),
+                &device,
+            )?
+            .with_scaler(scaler)?;
+            let opts = TrainOptions {
+                settings: h.train.clone(),
+                seed: config.split.seed,
+            };
+            with_fit(head, &data, &spec, opts)
+        }
+    };
+    let (head, outcome) = train_and_record(&spec, &data, train)?;
     head.save(&run.file("head.safetensors"))?;
     finish_run(config, &run, outcome)
+}
+
+/// The logistic head's training: cross-validation over `[head] c`, the final fit on all
+/// training rows, and one record of its losses and accuracies (it has no epochs). The
+/// cross-validation table is printed and written to the run's `cv.json`.
+fn logistic_head<'a>(
+    config: &'a Config,
+    shape: &'a HeadShape,
+    scaler: Scaler,
+    data: &'a Labelled<'a>,
+    spec: &'a RunSpec<'a>,
+) -> Train<'a, Head> {
+    Box::new(move |on_epoch| {
+        let start = Instant::now();
+        let h = &config.head;
+        let (solution, scores) = crate::logistic::fit_cv(
+            data.inputs,
+            data.labels,
+            shape.classes,
+            spec.train_rows,
+            &h.c,
+            h.cv_folds,
+            config.split.seed,
+        )?;
+        for s in &scores {
+            eprintln!(
+                "logistic: C {:<8e} cross-validated log-loss {:.4}, accuracy {:.2}%{}",
+                s.c,
+                s.log_loss,
+                100.0 * s.accuracy,
+                if s.c == solution.c { "  <- chosen" } else { "" }
+            );
+        }
+        spec.run.write_json("cv.json", &scores)?;
+        let device = data.inputs.device();
+        let head = Head::from_weights(shape, &solution.weight, &solution.bias, device)?
+            .with_scaler(scaler)?;
+        let batch = spec.batch_size;
+        let (train_loss, train_accuracy) = evaluate(&head, data, spec.train_rows, batch)?;
+        let (val_loss, val_accuracy) = evaluate(&head, data, spec.val_rows, batch)?;
+        let record = EpochRecord {
+            epoch: 1,
+            lr: 0.0,
+            train_loss,
+            train_accuracy,
+            val_loss,
+            val_accuracy,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        eprintln!(
+            "logistic: C {:e} ({} L-BFGS iterations on the training rows)",
+            solution.c, solution.iterations
+        );
+        on_epoch(&record);
+        let history = History {
+            epochs: vec![record],
+            best_epoch: 1,
+            stopped_early: false,
+        };
+        Ok((head, history))
+    })
 }
 
 /// `train-cnn`: trains the from-scratch CNN baseline on the images of the same split.
@@ -247,46 +324,85 @@ pub fn train_cnn(config: &Config) -> Result<RunOutcome> {
     };
     let run = RunDir::create(&config.output.runs, "cnn")?;
     run.write_config(config)?;
+    let spec = RunSpec {
+        run: &run,
+        kind: "cnn",
+        name: &format!("CNN baseline {:?}", c.channels),
+        classes: dataset.classes.clone(),
+        split,
+        train_rows: &train_rows,
+        val_rows: &val_rows,
+        epochs: c.train.epochs,
+        batch_size: c.train.batch_size,
+    };
     let opts = TrainOptions {
         settings: c.train.clone(),
         seed: config.split.seed,
     };
-    let name = format!("CNN baseline {:?}", c.channels);
-    let outcome = train_and_record(
-        &cnn,
-        &data,
-        &run,
-        "cnn",
-        &name,
-        dataset.classes.clone(),
-        split,
-        &train_rows,
-        &val_rows,
-        &opts,
-    )?;
+    let (cnn, outcome) = train_and_record(&spec, &data, with_fit(cnn, &data, &spec, opts))?;
     cnn.save(&run.file("cnn.safetensors"))?;
     finish_run(config, &run, outcome)
 }
 
-/// Trains with per-epoch log lines and `metrics.json` rewritten after every epoch, then
-/// measures the final model on both sides.
-#[allow(clippy::too_many_arguments)]
-fn train_and_record(
-    model: &impl Model,
-    data: &Labelled,
-    run: &RunDir,
-    kind: &str,
-    name: &str,
+/// Where a run's training happens and what it reports: the run directory, the model kind
+/// and name, the classes, the split and its rows.
+struct RunSpec<'a> {
+    run: &'a RunDir,
+    kind: &'a str,
+    name: &'a str,
     classes: Vec<String>,
     split: StudySplit,
-    train_rows: &[usize],
-    val_rows: &[usize],
-    opts: &TrainOptions,
-) -> Result<RunMetrics> {
+    train_rows: &'a [usize],
+    val_rows: &'a [usize],
+    /// For the log lines ("epoch 3/30") and the measuring batches.
+    epochs: usize,
+    batch_size: usize,
+}
+
+/// A training procedure: builds and trains a model, calling its argument after every epoch.
+type Train<'a, M> = Box<dyn FnOnce(&mut dyn FnMut(&EpochRecord)) -> Result<(M, History)> + 'a>;
+
+/// Trains the shared loop's way (Adam, [`fit`]).
+fn with_fit<'a, M: Model + 'a>(
+    model: M,
+    data: &'a Labelled<'a>,
+    spec: &'a RunSpec<'a>,
+    opts: TrainOptions,
+) -> Train<'a, M> {
+    Box::new(move |on_epoch| {
+        let classes = spec.classes.len();
+        let history = fit(
+            &model,
+            data,
+            classes,
+            spec.train_rows,
+            spec.val_rows,
+            &opts,
+            on_epoch,
+        )?;
+        Ok((model, history))
+    })
+}
+
+/// Runs `train` with per-epoch log lines and `metrics.json` rewritten after every epoch, then
+/// measures the final model on both sides.
+fn train_and_record<M: Model>(
+    spec: &RunSpec,
+    data: &Labelled,
+    train: Train<'_, M>,
+) -> Result<(M, RunMetrics)> {
+    let RunSpec {
+        run,
+        kind,
+        name,
+        train_rows,
+        val_rows,
+        ..
+    } = *spec;
     let mut metrics = RunMetrics {
         model: kind.into(),
         name: name.into(),
-        classes,
+        classes: spec.classes.clone(),
         train_accuracy: f64::NAN,
         val_accuracy: f64::NAN,
         confusion_matrix: Vec::new(),
@@ -297,7 +413,7 @@ fn train_and_record(
         stopped_early: false,
         train_seconds: 0.0,
         images_per_second: 0.0,
-        split,
+        split: spec.split.clone(),
         finished: false,
     };
     eprintln!(
@@ -308,12 +424,11 @@ fn train_and_record(
     );
     let start = Instant::now();
     let mut write_error = None;
-    let classes = metrics.classes.len();
-    let history: History = fit(model, data, classes, train_rows, val_rows, opts, |r| {
+    let mut on_epoch = |r: &EpochRecord| {
         println!(
             "epoch {:>3}/{}  lr {:.2e}  train loss {:.4}  train acc {:.2}%  val loss {:.4}  val acc {:.2}%  ({:.1} s)",
             r.epoch,
-            opts.settings.epochs,
+            spec.epochs,
             r.lr,
             r.train_loss,
             100.0 * r.train_accuracy,
@@ -325,7 +440,8 @@ fn train_and_record(
         if let Err(e) = run.write_json(METRICS_FILE, &metrics) {
             write_error.get_or_insert(e);
         }
-    })?;
+    };
+    let (model, history): (M, History) = train(&mut on_epoch)?;
     if let Some(e) = write_error {
         return Err(e);
     }
@@ -336,7 +452,7 @@ fn train_and_record(
     metrics.stopped_early = history.stopped_early;
     let n = metrics.classes.len();
     let measure = |rows: &[usize]| -> Result<Metrics> {
-        let probs = predict(model, data.inputs, rows, opts.settings.batch_size)?;
+        let probs = predict(&model, data.inputs, rows, spec.batch_size)?;
         let flat: Vec<f32> = probs.into_iter().flatten().collect();
         let labels = data.labels;
         let mut cm = ConfusionMatrix::new(n);
@@ -353,7 +469,7 @@ fn train_and_record(
     metrics.train = Some(train);
     metrics.val = Some(val);
     metrics.finished = true;
-    Ok(metrics)
+    Ok((model, metrics))
 }
 
 /// Writes metrics, plots and the comparison report of a finished run.

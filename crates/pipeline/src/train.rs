@@ -186,8 +186,9 @@ pub fn fit(
     data.check(val_rows, classes)?;
     let params = ParamsAdamW {
         lr: settings.lr,
-        // candle's AdamW decays by default; the study's optimiser is plain Adam.
-        weight_decay: 0.0,
+        // candle's AdamW decays by default (0.01); the study's optimiser is plain Adam, so the
+        // decay is only what `weight_decay` asks for.
+        weight_decay: settings.weight_decay,
         ..Default::default()
     };
     let mut opt = AdamW::new(model.params().trainable()?, params)?;
@@ -379,15 +380,7 @@ pub(crate) mod tests {
 
     pub fn opts(epochs: usize, lr: f64) -> TrainOptions {
         TrainOptions {
-            settings: TrainSettings {
-                epochs,
-                batch_size: 8,
-                lr,
-                schedule: Schedule::Constant,
-                step_size: 10,
-                gamma: 0.1,
-                early_stopping: None,
-            },
+            settings: TrainSettings::new(lr, epochs, 8),
             seed: 13,
         }
     }
