@@ -13,7 +13,7 @@ use candle_core::Tensor;
 
 use crate::backbone::{BackboneOptions, Vgg16Features};
 use crate::config::{Config, OnBadImage};
-use crate::dataset::Dataset;
+use crate::dataset::{Dataset, InputLimits};
 use crate::device::{describe, DeviceChoice};
 use crate::error::{Error, IoContext, Result};
 use crate::head::Head;
@@ -101,7 +101,8 @@ pub fn run(config: &Config) -> Result<Summary> {
         input,
         config.data.images.as_deref(),
         &config.data.image_column,
-    )?;
+    )?
+    .with_limits(InputLimits::from_config(&config.data));
 
     let device = DeviceChoice::parse(&config.extract.device)?.open_logged("predict")?;
     // The head was trained on features of the run's arithmetic; the rest (CPU algorithm, GPU
@@ -126,7 +127,10 @@ pub fn run(config: &Config) -> Result<Summary> {
         let paths: Vec<&Path> = batch.iter().map(|s| s.path.as_path()).collect();
         let mut pixels = Vec::new();
         let mut ids = Vec::new();
-        for (sample, decoded) in batch.iter().zip(prep.load_many(&paths)) {
+        for (sample, decoded) in batch
+            .iter()
+            .zip(prep.load_many_within(&paths, &dataset.limits))
+        {
             match decoded {
                 Ok(p) => {
                     pixels.extend(p);

@@ -2,8 +2,14 @@
 //!
 //! The weights decide the preprocessing: it is read from the safetensors metadata or from a
 //! table of known hub weights, and any field can be overridden in `[preprocess]`.
+//!
+//! Decoding is bounded by [`InputLimits`]: the file is read through
+//! [`read_image_file`](crate::dataset::read_image_file) (regular files up to
+//! `max_file_bytes`), and the header's width x height is checked against `max_image_pixels`
+//! before the decoder allocates the pixels (the `image` crate's own limits are set too).
 
 use std::collections::HashMap;
+use std::io::Cursor;
 use std::path::Path;
 
 use image::imageops::FilterType;
@@ -11,6 +17,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ChannelOrder, PreprocessConfig, ResizeMode};
+use crate::dataset::{read_image_file, InputLimits};
 use crate::error::{Error, Result};
 
 /// ImageNet statistics on 0..1 pixels, used by torchvision and timm weights.
@@ -151,21 +158,18 @@ impl Preprocessing {
         self.input_size == 0
     }
 
-    /// Decodes, resizes and normalises one image file into CHW floats.
+    /// Decodes, resizes and normalises one image file into CHW floats, with the default
+    /// [`InputLimits`].
     pub fn load(&self, path: &Path) -> Result<Vec<f32>> {
-        let bad = |message: String| Error::BadImage {
-            path: path.to_owned(),
-            message,
-        };
-        let img = image::ImageReader::open(path)
-            .map_err(|e| bad(e.to_string()))?
-            .with_guessed_format()
-            .map_err(|e| bad(e.to_string()))?
-            .decode()
-            .map_err(|e| bad(e.to_string()))?;
-        Ok(self.apply(&img))
+        self.load_within(path, &InputLimits::default())
     }
 
+    /// Decodes, resizes and normalises one image file into CHW floats; a file that cannot be
+    /// read or decoded, or is beyond `limits`, is [`Error::BadImage`] naming it.
+    pub fn load_within(&self, path: &Path, limits: &InputLimits) -> Result<Vec<f32>> {
+        let bytes = read_image_file(path, limits)?;
+        Ok(self.apply(&decode_within(path, &bytes, limits)?))
+    }
     /// Resizes and normalises a decoded image (any colour type) into CHW floats.
     pub fn apply(&self, img: &image::DynamicImage) -> Vec<f32> {
         let size = self.input_size;
@@ -203,10 +207,96 @@ impl Preprocessing {
         out
     }
 
-    /// Loads many images in parallel, each result naming its file on failure.
+    /// Loads many images in parallel with the default [`InputLimits`], each result naming its
+    /// file on failure.
     pub fn load_many(&self, paths: &[&Path]) -> Vec<Result<Vec<f32>>> {
-        paths.par_iter().map(|p| self.load(p)).collect()
+        self.load_many_within(paths, &InputLimits::default())
     }
+
+    /// Loads many images in parallel within `limits`, each result naming its file on failure.
+    pub fn load_many_within(&self, paths: &[&Path], limits: &InputLimits) -> Vec<Result<Vec<f32>>> {
+        paths
+            .par_iter()
+            .map(|p| self.load_within(p, limits))
+            .collect()
+    }
+}
+
+/// Bytes per pixel the `image` crate may allocate while decoding: 8 for the output (RGBA with 16
+/// bits per channel, the widest JPEG or PNG gives) and as much again for a decoder's buffers.
+const MAX_BYTES_PER_PIXEL: u64 = 16;
+
+/// The error for an image whose header announces more pixels than allowed.
+fn too_many_pixels(path: &Path, width: u32, height: u32, limits: &InputLimits) -> Error {
+    Error::BadImage {
+        path: path.to_owned(),
+        message: format!(
+            "{width}x{height} pixels ({} in all) is above `data.max_image_pixels` = {}",
+            width as u64 * height as u64,
+            limits.max_image_pixels
+        ),
+    }
+}
+
+/// A reader of `bytes` with its format guessed from the content, allowed to allocate what
+/// `max_image_pixels` pixels need (but with no width or height limit, so that the header can
+/// be read and [`too_many_pixels`] give the message).
+fn reader<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+    limits: &InputLimits,
+) -> Result<image::ImageReader<Cursor<&'a [u8]>>> {
+    let mut reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::BadImage {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    let mut l = image::Limits::default();
+    l.max_alloc = Some(limits.max_image_pixels.saturating_mul(MAX_BYTES_PER_PIXEL));
+    reader.limits(l);
+    Ok(reader)
+}
+
+/// Checks the pixel count an image's header announces against `max_image_pixels`. A file whose
+/// header cannot be read passes: decoding will report it.
+pub fn check_pixels(path: &Path, bytes: &[u8], limits: &InputLimits) -> Result<()> {
+    let Ok(reader) = reader(path, bytes, limits) else {
+        return Ok(());
+    };
+    match reader.into_dimensions() {
+        Ok((w, h)) if w as u64 * h as u64 > limits.max_image_pixels => {
+            Err(too_many_pixels(path, w, h, limits))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Decodes an image file's bytes (format from the content) within `limits`: the header's
+/// width x height is checked before any pixel memory is allocated, and the `image` crate's
+/// limits (width, height, allocation) are set from `max_image_pixels` as a second guard.
+pub fn decode_within(
+    path: &Path,
+    bytes: &[u8],
+    limits: &InputLimits,
+) -> Result<image::DynamicImage> {
+    use image::ImageDecoder;
+    let bad = |e: image::ImageError| Error::BadImage {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let mut decoder = reader(path, bytes, limits)?.into_decoder().map_err(bad)?;
+    let (w, h) = decoder.dimensions();
+    if w as u64 * h as u64 > limits.max_image_pixels {
+        return Err(too_many_pixels(path, w, h, limits));
+    }
+    let side = u32::try_from(limits.max_image_pixels).unwrap_or(u32::MAX);
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(side);
+    l.max_image_height = Some(side);
+    l.max_alloc = Some(limits.max_image_pixels.saturating_mul(MAX_BYTES_PER_PIXEL));
+    decoder.set_limits(l).map_err(bad)?;
+    image::DynamicImage::from_decoder(decoder).map_err(bad)
 }
 
 #[cfg(test)]
@@ -276,6 +366,57 @@ mod tests {
             ..p
         };
         assert_eq!(crop.apply(&gray).len(), 48);
+    }
+
+    #[test]
+    fn images_above_the_pixel_limit_are_bad_before_decoding() {
+        let dir = std::env::temp_dir().join(format!("pipeline-pp-px-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let small = dir.join("eleven-by-ten.png");
+        image::RgbImage::from_pixel(11, 10, image::Rgb([1, 2, 3]))
+            .save(&small)
+            .expect("png");
+        let at = InputLimits {
+            max_image_pixels: 110,
+            ..InputLimits::default()
+        };
+        assert_eq!(
+            vgg_oxford()
+                .load_within(&small, &at)
+                .expect("110 pixels")
+                .len(),
+            12
+        );
+        let below = InputLimits {
+            max_image_pixels: 109,
+            ..at
+        };
+        let err = vgg_oxford()
+            .load_within(&small, &below)
+            .expect_err("111 > 109");
+        let text = err.to_string();
+        assert!(
+            matches!(err, Error::BadImage { .. })
+                && text.contains("eleven-by-ten.png")
+                && text.contains("11x10")
+                && text.contains("max_image_pixels"),
+            "{text}"
+        );
+        let bytes = std::fs::read(&small).expect("read");
+        assert!(check_pixels(&small, &bytes, &at).is_ok());
+        assert!(check_pixels(&small, &bytes, &below).is_err());
+        // A header claiming 60000x60000 (10.8 GB as RGB) is refused from the header alone,
+        // with the default limits.
+        let huge = dir.join("claims-huge.png");
+        std::fs::write(&huge, testkit::png_claiming(60_000, 60_000)).expect("write");
+        let err = vgg_oxford().load(&huge).expect_err("huge").to_string();
+        assert!(
+            err.contains("60000x60000") && err.contains("max_image_pixels"),
+            "{err}"
+        );
+        // Undecodable bytes pass the header check (decoding reports them).
+        assert!(check_pixels(&huge, b"not an image", &at).is_ok());
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -204,7 +204,7 @@ pub fn train_cnn(config: &Config) -> Result<RunOutcome> {
         OnBadImage::Skip => (0..paths.len()).filter(|&i| hashes[i].is_some()).collect(),
     };
     let kept_paths: Vec<&Path> = keep.iter().map(|&i| paths[i]).collect();
-    let images = load_images(&kept_paths, c.input_size).map_err(|e| match e {
+    let images = load_images(&kept_paths, c.input_size, &dataset.limits).map_err(|e| match e {
         Error::BadImage { .. } if config.data.on_bad_image == OnBadImage::Skip => Error::Training(
             format!("{e} (on_bad_image = \"skip\" leaves out only files that cannot be read)"),
         ),
