@@ -20,7 +20,7 @@ use crate::metrics::{argmax_rows, ConfusionMatrix, Metrics};
 use crate::plot::{confusion_matrix_png, line_chart, Series};
 use crate::report::{markdown_table, terminal_table, winner, ModelRow};
 use crate::rng::Rng;
-use crate::runs::{latest_finished, Latest, RunDir, RunStatus, METRICS_FILE};
+use crate::runs::{latest_finished, RunDir, RunStatus, METRICS_FILE};
 use crate::split::{stratified_split, Split};
 use crate::store::FeatureStore;
 use crate::train::{fit, predict, EpochRecord, History, TrainOptions, Trainable};
@@ -436,15 +436,6 @@ fn write_plots(run: &RunDir, m: &RunMetrics) -> Result<()> {
 
 /// Run-name prefixes of the model kinds the report compares.
 const RUN_KINDS: [&str; 3] = ["cnn-", "head-linear-", "head-mlp-"];
-
-/// The latest finished run of each model kind under `[output] runs` with its metrics, and the
-/// newer runs passed over (unfinished, or with a `metrics.json` that cannot be read).
-pub fn latest_runs(runs: &Path) -> Vec<Latest<RunMetrics>> {
-    RUN_KINDS
-        .iter()
-        .map(|prefix| latest_finished(runs, prefix, read_metrics))
-        .collect()
-}
 
 /// Writes `report.md` in `run` comparing it (its `metrics`) with the latest finished run of
 /// every other model kind trained on the same split; returns the terminal table. Other runs'
