@@ -300,7 +300,8 @@ fn csv_without_the_named_column_is_an_error() {
 
 #[test]
 fn empty_dataset_is_an_error() {
-    let (dir, c) = fixture("empty", 2);
+    // Not "empty": the word below must come from the message, not the fixture's folder name.
+    let (dir, c) = fixture("no-rows", 2);
     std::fs::write(dir.join("labels.csv"), "file,class\n").expect("csv");
     let err = extract_err(&c);
     assert!(err.contains("empty") && err.contains("labels.csv"), "{err}");

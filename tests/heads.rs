@@ -86,7 +86,7 @@ fn logistic_head_cross_validates_its_penalty_and_predicts() {
         .iter()
         .all(|s| s["log_loss"].as_f64().is_some_and(f64::is_finite)));
     assert_eq!(run.metrics.history.len(), 1, "one record: no epochs");
-    assert!(run.metrics.finished);
+    assert_eq!(run.metrics.status, pipeline::runs::RunStatus::Finished);
     // Deterministic: the same config gives the same head.
     let again = train_head(&c).expect("train-head");
     let w = |d: &std::path::Path| {

@@ -69,7 +69,8 @@ fn head_and_cnn_runs_write_everything_and_the_report_compares_them() {
         assert_eq!(val_total, 5);
         assert_eq!(m.split.split.val.len(), 5);
         assert!((0.0..=1.0).contains(&m.val_accuracy));
-        assert!(m.finished);
+        assert_eq!(m.status, pipeline::runs::RunStatus::Finished);
+        assert_eq!(json["status"], "finished");
     }
     assert_eq!(metrics(&head.dir).0.history.len(), 3);
     assert_eq!(metrics(&cnn.dir).0.history.len(), 2);
@@ -197,7 +198,9 @@ fn cache_from_other_inputs_is_refused() {
 
 #[test]
 fn nan_loss_stops_with_a_clear_message() {
-    let (_dir, mut c) = trained_setup("study-nan", 8);
+    // The fixture's folder name holds neither "nan" nor "diverged", so the words below can only
+    // come from the message.
+    let (_dir, mut c) = trained_setup("study-diverge", 8);
     c.head.train.lr = 1e38;
     c.head.train.epochs = 5;
     let err = train_head(&c).err().expect("diverges");

@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ChannelOrder, ResizeMode};
+use crate::dataset::InputLimits;
 use crate::error::{Error, Result};
 use crate::ops::{self, BnStats};
 use crate::params::{Params, SavedState};
@@ -30,9 +31,9 @@ const BN_MOMENTUM: f64 = 0.1;
 const BN_EPS: f64 = 1e-5;
 
 /// Loads images for the CNN: squashed to `size` x `size`, RGB, pixels / 255, no
-/// normalisation. Returns `[n, 3, size, size]` f32 on the CPU; an unreadable image is an error
-/// naming its file.
-pub fn load_images(paths: &[&Path], size: u32) -> Result<Tensor> {
+/// normalisation. Returns `[n, 3, size, size]` f32 on the CPU; an unreadable image, or one
+/// beyond `limits`, is an error naming its file.
+pub fn load_images(paths: &[&Path], size: u32, limits: &InputLimits) -> Result<Tensor> {
     let pre = Preprocessing {
         input_size: size,
         input_scale: 1.0,
@@ -42,7 +43,7 @@ pub fn load_images(paths: &[&Path], size: u32) -> Result<Tensor> {
         resize: ResizeMode::Squash,
     };
     let mut data = Vec::with_capacity(paths.len() * pre.len());
-    for image in pre.load_many(paths) {
+    for image in pre.load_many_within(paths, limits) {
         data.extend(image?);
     }
     let s = size as usize;
@@ -803,7 +804,7 @@ mod tests {
             .expect("png");
         let bad = dir.join("b.png");
         std::fs::write(&bad, b"not an image").expect("write");
-        let t = load_images(&[good.as_path()], 4).expect("load");
+        let t = load_images(&[good.as_path()], 4, &InputLimits::default()).expect("load");
         assert_eq!(t.dims(), [1, 3, 4, 4]);
         let px = t
             .flatten_all()
@@ -811,7 +812,8 @@ mod tests {
             .expect("px");
         assert_eq!((px[0], px[16]), (1.0, 0.0));
         assert!((px[32] - 0.2).abs() < 1e-6, "{}", px[32]);
-        let err = load_images(&[good.as_path(), bad.as_path()], 4).expect_err("bad");
+        let err = load_images(&[good.as_path(), bad.as_path()], 4, &InputLimits::default())
+            .expect_err("bad");
         assert!(err.to_string().contains("b.png"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -47,7 +47,17 @@ pub struct DataConfig {
     pub classes: Option<Vec<String>>,
     /// What one unreadable image does to a run. Default: error.
     pub on_bad_image: OnBadImage,
+    /// Largest image file read, in bytes; a bigger one is a bad image. Default: 64 MiB.
+    pub max_file_bytes: u64,
+    /// Largest image decoded, in pixels (width x height, from the file's header); a bigger one
+    /// is a bad image. Default: 64 megapixels.
+    pub max_image_pixels: u64,
 }
+
+/// Default of `[data] max_file_bytes`: 64 MiB, far above any photo a VGG16 study sees.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+/// Default of `[data] max_image_pixels`: 64 megapixels (an 8000x8000 image; ~192 MB as RGB).
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 64_000_000;
 
 impl Default for DataConfig {
     fn default() -> Self {
@@ -60,6 +70,8 @@ impl Default for DataConfig {
             limit: None,
             classes: None,
             on_bad_image: OnBadImage::Error,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
         }
     }
 }
@@ -540,6 +552,12 @@ impl Config {
                 "must be at least 1 (leave it out for all rows)",
             );
         }
+        if d.max_file_bytes == 0 {
+            return bad("data.max_file_bytes", "must be at least 1");
+        }
+        if d.max_image_pixels == 0 {
+            return bad("data.max_image_pixels", "must be at least 1");
+        }
         if self.extract.batch_size == 0 {
             return bad("extract.batch_size", "must be at least 1");
         }
@@ -790,6 +808,8 @@ mod tests {
             "split.val_fraction=1.5",
             "extract.device=tpu",
             "data.limit=0",
+            "data.max_file_bytes=0",
+            "data.max_image_pixels=0",
             "cnn.channels=[]",
         ] {
             let err = load_str(MINIMAL, &[o]).expect_err(o);

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::backbone::{BackboneOptions, Vgg16Features};
 use crate::config::{Config, OnBadImage};
-use crate::dataset::{content_hashes, hex, Dataset};
+use crate::dataset::{hex, Dataset};
 use crate::device::{describe, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::preprocess::{Partial, Preprocessing};
@@ -80,7 +80,7 @@ pub fn hash_samples(dataset: &Dataset, on_bad_image: OnBadImage) -> Result<Vec<O
     dataset
         .samples
         .iter()
-        .zip(content_hashes(&dataset.samples))
+        .zip(dataset.content_hashes())
         .map(|(s, h)| match h {
             Ok(h) => Ok(Some(h)),
             Err(e) if on_bad_image == OnBadImage::Error => Err(with_line(e, s.line)),
@@ -260,7 +260,10 @@ fn compute_shards(
                 let rows: Vec<usize> = (start..start + shard_len(key, shard)).collect();
                 let paths: Vec<&std::path::Path> =
                     rows.iter().map(|&r| samples[r].path.as_path()).collect();
-                let decoded = rows.into_iter().zip(prep.load_many(&paths)).collect();
+                let decoded = rows
+                    .into_iter()
+                    .zip(prep.load_many_within(&paths, &plan.dataset.limits))
+                    .collect();
                 if tx.send((shard, decoded)).is_err() {
                     return; // the consumer stopped on an error
                 }

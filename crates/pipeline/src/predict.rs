@@ -13,14 +13,14 @@ use candle_core::Tensor;
 
 use crate::backbone::{BackboneOptions, Vgg16Features};
 use crate::config::{Config, OnBadImage};
-use crate::dataset::Dataset;
+use crate::dataset::{Dataset, InputLimits};
 use crate::device::{describe, DeviceChoice};
 use crate::error::{Error, IoContext, Result};
 use crate::head::Head;
 use crate::progress::Progress;
-use crate::runs::{latest, read_config, METRICS_FILE};
+use crate::runs::{latest_finished, read_config, read_status, RunStatus};
 use crate::store::{atomic_write, CacheKey};
-use crate::study::{head_probabilities, RunMetrics};
+use crate::study::{head_probabilities, read_metrics};
 use crate::weights::{Weights, WeightsSource};
 
 /// What a prediction run did.
@@ -51,18 +51,46 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// The head run to use: `[predict] run`, or the most recent head run.
+/// The head run to use: `[predict] run` (which must be finished), or the most recent finished
+/// head run, passing over (and saying so) newer runs that are unfinished or unreadable.
 pub fn choose_run(config: &Config) -> Result<PathBuf> {
     if let Some(run) = &config.predict.run {
-        return Ok(run.clone());
+        let invalid = |message: String| Error::InvalidValue {
+            key: "predict.run".into(),
+            message,
+        };
+        return match read_status(run) {
+            Ok(RunStatus::Finished) => Ok(run.clone()),
+            Ok(RunStatus::Running) => Err(invalid(format!(
+                "{} is unfinished (its metrics.json says \"running\": still training, or crashed); \
+                 name a finished run, or leave `predict.run` out for the latest finished one",
+                run.display()
+            ))),
+            Err(e) => Err(invalid(format!(
+                "{} is not a usable run: {e}",
+                run.display()
+            ))),
+        };
     }
-    latest(&config.output.runs, "head-")?.ok_or_else(|| Error::InvalidValue {
-        key: "predict.run".into(),
-        message: format!(
-            "no finished head run under {}: run `cargo run -p train-head` first",
-            config.output.runs.display()
-        ),
-    })
+    let latest = latest_finished(&config.output.runs, "head-", read_metrics);
+    for note in latest.notes("predict") {
+        eprintln!("{note}");
+    }
+    let skipped = latest.skipped.len();
+    latest
+        .run
+        .map(|(dir, _)| dir)
+        .ok_or_else(|| Error::InvalidValue {
+            key: "predict.run".into(),
+            message: format!(
+                "no finished head run under {}{}: run `cargo run -p train-head` first",
+                config.output.runs.display(),
+                match skipped {
+                    0 => String::new(),
+                    n => format!(" ({n} unfinished or unreadable passed over)"),
+                }
+            ),
+        })
 }
 
 /// Runs prediction as configured.
@@ -71,7 +99,7 @@ pub fn run(config: &Config) -> Result<Summary> {
     let run = choose_run(config)?;
     let trained = read_config(&run)?;
     let key: CacheKey = read_json(&run.join("cache_key.json"))?;
-    let metrics: RunMetrics = read_json(&run.join(METRICS_FILE))?;
+    let metrics = read_metrics(&run)?;
     let weights = Weights::open(WeightsSource::parse(&trained.backbone.weights).resolve()?)?;
     if weights.sha256 != key.weights_sha256 {
         return Err(Error::WeightsSource {
@@ -101,7 +129,8 @@ pub fn run(config: &Config) -> Result<Summary> {
         input,
         config.data.images.as_deref(),
         &config.data.image_column,
-    )?;
+    )?
+    .with_limits(InputLimits::from_config(&config.data));
 
     let device = DeviceChoice::parse(&config.extract.device)?.open_logged("predict")?;
     // The head was trained on features of the run's arithmetic; the rest (CPU algorithm, GPU
@@ -126,7 +155,10 @@ pub fn run(config: &Config) -> Result<Summary> {
         let paths: Vec<&Path> = batch.iter().map(|s| s.path.as_path()).collect();
         let mut pixels = Vec::new();
         let mut ids = Vec::new();
-        for (sample, decoded) in batch.iter().zip(prep.load_many(&paths)) {
+        for (sample, decoded) in batch
+            .iter()
+            .zip(prep.load_many_within(&paths, &dataset.limits))
+        {
             match decoded {
                 Ok(p) => {
                     pixels.extend(p);

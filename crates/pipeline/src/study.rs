@@ -20,7 +20,7 @@ use crate::metrics::{argmax_rows, ConfusionMatrix, Metrics};
 use crate::plot::{confusion_matrix_png, line_chart, Series};
 use crate::report::{markdown_table, terminal_table, winner, ModelRow};
 use crate::rng::Rng;
-use crate::runs::{latest, RunDir, METRICS_FILE};
+use crate::runs::{latest_finished, RunDir, RunStatus, METRICS_FILE};
 use crate::scaling::Scaler;
 use crate::split::{stratified_split, Split};
 use crate::store::FeatureStore;
@@ -84,17 +84,24 @@ pub fn split_dataset(
     })
 }
 
-/// `metrics.json` of a run. The fixed keys (`model`, `train_accuracy`, `val_accuracy`,
-/// `history`, `confusion_matrix`, `classes`) are what scripts rely on.
+/// `metrics.json` of a run. The fixed keys (`model`, `status`, `train_accuracy`,
+/// `val_accuracy`, `history`, `confusion_matrix`, `classes`) are what scripts rely on.
+///
+/// While training, `status` is "running" and the final numbers are `null` (NaN here, shown as
+/// `-` in tables); read files with [`read_metrics`], which also understands older files.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunMetrics {
     /// "head" or "cnn".
     pub model: String,
     /// Human name: "VGG16 + linear head", "CNN baseline [4, 4]".
     pub name: String,
+    /// "running" while the file is rewritten after every epoch, "finished" at the end.
+    pub status: RunStatus,
     pub classes: Vec<String>,
     /// Evaluation-mode accuracy over the training rows with the final weights.
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_accuracy: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub val_accuracy: f64,
     /// Validation confusion matrix (rows: true class, columns: predicted).
     pub confusion_matrix: Vec<Vec<usize>>,
@@ -104,12 +111,42 @@ pub struct RunMetrics {
     pub best_epoch: usize,
     pub stopped_early: bool,
     /// Wall-clock training time (all epochs, validation included).
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_seconds: f64,
     /// Training images processed per second (epochs x training rows / seconds).
+    #[serde(deserialize_with = "nan_if_null")]
     pub images_per_second: f64,
     pub split: StudySplit,
-    /// False while training is under way (the file is rewritten after every epoch).
-    pub finished: bool,
+}
+
+/// A number that JSON may hold as `null`: serde_json writes a NaN (a value not measured yet)
+/// as `null`, so reading it back must accept it.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// Reads a run's `metrics.json`, of this version or an older one (without `status`: see
+/// [`crate::runs::status_of`]). Errors name the file.
+pub fn read_metrics(run: &Path) -> Result<RunMetrics> {
+    let path = run.join(METRICS_FILE);
+    let bad = |message: String| Error::Io {
+        path: path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, message),
+    };
+    let bytes = std::fs::read(&path).map_err(|e| Error::Io {
+        path: path.clone(),
+        source: e,
+    })?;
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    let status = crate::runs::status_of(&json).map_err(bad)?;
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert(
+            "status".into(),
+            serde_json::to_value(status).map_err(|e| bad(e.to_string()))?,
+        );
+    }
+    serde_json::from_value(json).map_err(|e| bad(format!("not a run's metrics: {e}")))
 }
 
 /// What a training run produced.
@@ -278,7 +315,7 @@ pub fn train_cnn(config: &Config) -> Result<RunOutcome> {
         OnBadImage::Skip => (0..paths.len()).filter(|&i| hashes[i].is_some()).collect(),
     };
     let kept_paths: Vec<&Path> = keep.iter().map(|&i| paths[i]).collect();
-    let images = load_images(&kept_paths, c.input_size).map_err(|e| match e {
+    let images = load_images(&kept_paths, c.input_size, &dataset.limits).map_err(|e| match e {
         Error::BadImage { path, message } if config.data.on_bad_image == OnBadImage::Skip => {
             Error::BadImage {
                 path,
@@ -402,6 +439,7 @@ fn train_and_record<M: Model>(
     let mut metrics = RunMetrics {
         model: kind.into(),
         name: name.into(),
+        status: RunStatus::Running,
         classes: spec.classes.clone(),
         train_accuracy: f64::NAN,
         val_accuracy: f64::NAN,
@@ -414,7 +452,6 @@ fn train_and_record<M: Model>(
         train_seconds: 0.0,
         images_per_second: 0.0,
         split: spec.split.clone(),
-        finished: false,
     };
     eprintln!(
         "{name}: training on {} rows, validating on {}; run {}",
@@ -468,7 +505,7 @@ fn train_and_record<M: Model>(
     metrics.confusion_matrix = val.confusion_matrix.clone();
     metrics.train = Some(train);
     metrics.val = Some(val);
-    metrics.finished = true;
+    metrics.status = RunStatus::Finished;
     Ok((model, metrics))
 }
 
@@ -476,7 +513,7 @@ fn train_and_record<M: Model>(
 fn finish_run(config: &Config, run: &RunDir, metrics: RunMetrics) -> Result<RunOutcome> {
     run.write_json(METRICS_FILE, &metrics)?;
     write_plots(run, &metrics)?;
-    let table = write_report(config, &run.path)?;
+    let table = write_report(config, &run.path, &metrics)?;
     Ok(RunOutcome {
         dir: run.path.clone(),
         metrics,
@@ -515,37 +552,33 @@ fn write_plots(run: &RunDir, m: &RunMetrics) -> Result<()> {
     )
 }
 
-/// The latest finished run of each model kind under `[output] runs`.
-pub fn latest_runs(runs: &Path) -> Result<Vec<(PathBuf, RunMetrics)>> {
-    let mut out = Vec::new();
-    for prefix in ["cnn-", "head-linear-", "head-mlp-"] {
-        if let Some(dir) = latest(runs, prefix)? {
-            let path = dir.join(METRICS_FILE);
-            let text = std::fs::read(&path).map_err(|e| Error::Io {
-                path: path.clone(),
-                source: e,
-            })?;
-            let m: RunMetrics = serde_json::from_slice(&text).map_err(|e| Error::Io {
-                path: path.clone(),
-                source: std::io::Error::other(e),
-            })?;
-            if m.finished {
-                out.push((dir, m));
-            }
-        }
-    }
-    Ok(out)
-}
+/// Run-name prefixes of the model kinds the report compares.
+const RUN_KINDS: [&str; 3] = ["cnn-", "head-linear-", "head-mlp-"];
 
-/// Writes `report.md` in `run` comparing it with the latest run of every other model trained
-/// on the same split; returns the terminal table.
-pub fn write_report(config: &Config, run: &Path) -> Result<String> {
-    let all = latest_runs(&config.output.runs)?;
-    let this = all
-        .iter()
-        .find(|(d, _)| d == run)
-        .map(|(_, m)| m.split.fingerprint.clone())
+/// Writes `report.md` in `run` comparing it (its `metrics`) with the latest finished run of
+/// every other model kind trained on the same split; returns the terminal table. Other runs'
+/// files never make this fail: unfinished or unreadable runs are skipped, saying so.
+pub fn write_report(config: &Config, run: &Path, metrics: &RunMetrics) -> Result<String> {
+    let run_name = run
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let mut all = Vec::new();
+    let mut passed_over = Vec::new();
+    for prefix in RUN_KINDS {
+        if run_name.starts_with(prefix) {
+            // This run stands for its kind, whatever else of that kind is newer.
+            all.push((run.to_owned(), metrics.clone()));
+            continue;
+        }
+        let latest = latest_finished(&config.output.runs, prefix, read_metrics);
+        for note in latest.notes("report") {
+            eprintln!("{note}");
+        }
+        passed_over.extend(latest.skipped);
+        all.extend(latest.run);
+    }
+    let this = metrics.split.fingerprint.clone();
     let (same, other): (Vec<_>, Vec<_>) = all
         .into_iter()
         .partition(|(_, m)| m.split.fingerprint == this);
@@ -603,6 +636,12 @@ pub fn write_report(config: &Config, run: &Path) -> Result<String> {
         let names: Vec<String> = other.iter().map(|(d, _)| d.display().to_string()).collect();
         md.push_str(&names.join(", "));
         md.push('\n');
+    }
+    if !passed_over.is_empty() {
+        md.push_str("\nPassed over (newer than the runs above, but unfinished or unreadable):\n\n");
+        for s in &passed_over {
+            md.push_str(&format!("- `{}`: {}\n", s.dir.display(), s.reason));
+        }
     }
     crate::store::atomic_write(&run.join("report.md"), md.as_bytes())?;
     Ok(terminal_table(&rows))

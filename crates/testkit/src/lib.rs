@@ -190,3 +190,45 @@ pub fn write_vgg_weights(path: &Path, replace: impl Fn(&str, &[usize]) -> Option
     .collect();
     safetensors::serialize_to_file(views, Some(meta), path).expect("write weights");
 }
+
+/// A PNG whose header announces `width` x `height` RGB pixels but whose data is a few bytes: a
+/// decoder that trusts the header allocates `3 * width * height` bytes before finding out.
+pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8; 4], data: &[u8]| {
+        out.extend((data.len() as u32).to_be_bytes());
+        let start = out.len();
+        out.extend(kind);
+        out.extend(data);
+        let crc = crc32(&out[start..]);
+        out.extend(crc.to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB, deflate, adaptive filter, no interlace
+    chunk(b"IHDR", &ihdr);
+    // A complete zlib stream of one stored block holding 4 zero bytes.
+    chunk(
+        b"IDAT",
+        &[
+            0x78, 0x01, 0x01, 0x04, 0x00, 0xfb, 0xff, 0, 0, 0, 0, 0x00, 0x04, 0x00, 0x01,
+        ],
+    );
+    chunk(b"IEND", &[]);
+    out
+}
