@@ -1165,6 +1165,11 @@ mod tests {
                 square(60, &|t, p| t ^ p),
             ),
             (
+                "most",
+                vec![],
+                square(CONFUSION_MATRIX_MAX_CLASSES, &|t, p| usize::from(t == p)),
+            ),
+            (
                 "too-many",
                 vec![],
                 square(CONFUSION_MATRIX_MAX_CLASSES + 1, &|_, _| 1),
