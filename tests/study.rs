@@ -6,6 +6,7 @@ mod common;
 
 use common::fixture;
 use pipeline::config::Config;
+use pipeline::plot::{confusion_matrix_size, LINE_CHART_HEIGHT, LINE_CHART_WIDTH};
 use pipeline::study::{train_cnn, train_head, RunMetrics};
 
 /// A fixture with extraction done and short training settings.
@@ -50,6 +51,16 @@ fn head_and_cnn_runs_write_everything_and_the_report_compares_them() {
             "report.md",
         ] {
             assert!(run.join(f).is_file(), "{} lacks {f}", run.display());
+        }
+        // The charts decode as PNGs of the documented sizes.
+        for (chart, size) in [
+            ("loss.png", (LINE_CHART_WIDTH, LINE_CHART_HEIGHT)),
+            ("accuracy.png", (LINE_CHART_WIDTH, LINE_CHART_HEIGHT)),
+            ("confusion_matrix.png", confusion_matrix_size(2)),
+        ] {
+            let img = image::open(run.join(chart))
+                .unwrap_or_else(|e| panic!("{} {chart}: {e}", run.display()));
+            assert_eq!((img.width(), img.height()), size, "{chart}");
         }
         let (m, json) = metrics(run);
         for key in [

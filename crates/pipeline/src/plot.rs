@@ -1,20 +1,29 @@
-//! PNG charts of a run: training curves ([`line_chart`]) and a confusion-matrix heat map
-//! ([`confusion_matrix_png`]).
+//! PNG charts of a run, drawn with plotters: training curves ([`line_chart`]) and a
+//! confusion-matrix heat map with a colour scale ([`confusion_matrix_png`]).
 //!
-//! Everything is drawn here on an [`image::RgbImage`]: anti-aliased thick lines, rectangles,
-//! and text from a small embedded 5x7 bitmap font (upper-case letters, digits and a few signs;
-//! lower case is drawn as upper case). Nothing is read from the system at run time, so the
-//! charts look the same on every machine and need no font packages. Files are encoded in
-//! memory and written with [`atomic_write`], so a chart either exists whole or not at all.
+//! Text is set in DejaVu Sans, embedded in the binary (`assets/fonts/`, licence beside it) and
+//! registered with plotters' `ab_glyph` text backend, so nothing is read from the system at run
+//! time and a chart looks the same on every machine. Images are drawn into an in-memory RGB
+//! buffer, encoded as PNG in memory and written with [`atomic_write`]: a chart exists whole or
+//! not at all.
 //!
 //! Bad data never panics: NaN and infinite values are skipped (a line is broken around them),
-//! an empty chart says "NO DATA", and a ragged confusion matrix is read with missing cells as 0.
+//! an empty chart says "no data", and a ragged confusion matrix is read with missing cells as 0.
+//! plotters asserts on NaN axis bounds, loops forever on an axis whose span overflows `f64`, and
+//! overflows `i32` on values far outside its axis, so every range handed to it is built here
+//! from the data with a finite, non-zero span that holds every value drawn.
 
-use std::io::Cursor;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use image::codecs::png::PngEncoder;
-use image::{ExtendedColorType, ImageEncoder, Rgb, RgbImage};
+use image::{ExtendedColorType, ImageEncoder, Rgb};
+use plotters::coord::ranged1d::SegmentValue;
+use plotters::coord::types::{RangedCoordf64, RangedCoordusize};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::{register_font, FontStyle, FontTransform};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -25,7 +34,8 @@ use crate::store::atomic_write;
 pub struct Series {
     /// Legend text.
     pub name: String,
-    /// One value per epoch; NaN or infinite values are left out of the chart.
+    /// One value per epoch; NaN, infinite and absurdly large (beyond +-1e300) values are left
+    /// out of the chart.
     pub values: Vec<f64>,
 }
 
@@ -33,6 +43,16 @@ pub struct Series {
 pub const LINE_CHART_WIDTH: u32 = 900;
 /// Height of a [`line_chart`] image, in pixels.
 pub const LINE_CHART_HEIGHT: u32 = 540;
+/// Width of a [`confusion_matrix_png`] image up to [`CONFUSION_MATRIX_FIXED_CLASSES`] classes.
+pub const CONFUSION_MATRIX_WIDTH: u32 = 780;
+/// Height of a [`confusion_matrix_png`] image up to [`CONFUSION_MATRIX_FIXED_CLASSES`] classes.
+pub const CONFUSION_MATRIX_HEIGHT: u32 = 680;
+/// Up to this many classes a confusion matrix has the fixed size above; past it the image grows
+/// so that each cell keeps about [`MIN_CELL`] pixels.
+pub const CONFUSION_MATRIX_FIXED_CLASSES: usize = 40;
+/// More classes than this are not drawn as a grid (the image would be tens of megapixels): the
+/// chart says how many there are instead.
+pub const CONFUSION_MATRIX_MAX_CLASSES: usize = 300;
 
 /// Series colours, in order (matplotlib's "tab10": distinct, and readable on white). Series
 /// `i` gets `PALETTE[i % PALETTE.len()]`.
@@ -49,26 +69,98 @@ pub const PALETTE: [Rgb<u8>; 10] = [
     Rgb([23, 190, 207]),
 ];
 
-const BACKGROUND: Rgb<u8> = Rgb([255, 255, 255]);
-const TEXT: Rgb<u8> = Rgb([33, 37, 41]);
-const MUTED_TEXT: Rgb<u8> = Rgb([90, 96, 102]);
-const AXIS: Rgb<u8> = Rgb([120, 124, 128]);
-const GRID: Rgb<u8> = Rgb([232, 234, 237]);
-const LEGEND_BORDER: Rgb<u8> = Rgb([200, 203, 207]);
-
-/// Scale of the title text (15x21-pixel glyphs).
-const TITLE_SCALE: u32 = 3;
-/// Scale of every other text (10x14-pixel glyphs).
-const LABEL_SCALE: u32 = 2;
-/// Width of a chart line, in pixels.
-const LINE_WIDTH: f64 = 2.5;
-/// Radius of the dot drawn for a point with no finite neighbour (it would be invisible as a
-/// line).
-const DOT_RADIUS: f64 = 3.5;
-
 /// The colour of series `i` in a [`line_chart`].
 pub fn series_colour(i: usize) -> Rgb<u8> {
     PALETTE[i % PALETTE.len()]
+}
+
+const TEXT: RGBColor = RGBColor(33, 37, 41);
+const MUTED_TEXT: RGBColor = RGBColor(90, 96, 102);
+const AXIS: RGBColor = RGBColor(120, 124, 128);
+const GRID: RGBColor = RGBColor(228, 230, 234);
+const LEGEND_BORDER: RGBColor = RGBColor(200, 203, 207);
+
+/// The family name the embedded font is registered under; plotters' own defaults (mesh labels,
+/// legend) ask for "sans-serif" too, so they find it.
+const FONT: &str = "sans-serif";
+const TITLE_SIZE: f64 = 24.0;
+const LABEL_SIZE: f64 = 16.0;
+const DESC_SIZE: f64 = 18.0;
+const LINE_WIDTH: u32 = 3;
+/// Point markers are drawn on every value of a curve up to this many epochs (they show where
+/// the measurements are); longer curves get a marker only on an isolated value, which would
+/// otherwise be invisible.
+const MARKER_EPOCHS: usize = 30;
+/// About how many y ticks a line chart gets (plotters' hint).
+const Y_TICKS: usize = 7;
+/// Line-chart x coordinates per epoch (see [`draw_line_chart`]).
+const X_UNIT: i64 = 100;
+/// Values of larger magnitude are left out like infinities: a span between two of them could
+/// overflow `f64`, and no loss or accuracy is that large.
+const MAX_PLOTTED: f64 = 1e300;
+/// Smallest pixel side of a confusion-matrix cell that the image grows to keep.
+const MIN_CELL: u32 = 12;
+
+/// DejaVu Sans 2.37 (Debian's `fonts-dejavu-core`), under the licence in `assets/fonts/LICENSE`.
+static DEJAVU_SANS: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+
+/// What a drawing step returns: plotters' errors, boxed, are turned into [`Error::Io`] naming
+/// the chart's path by [`render_png`].
+type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
+type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+
+/// Registers the embedded font with plotters once per process.
+fn register_embedded_font() -> std::result::Result<(), &'static str> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok =
+        *REGISTERED.get_or_init(|| register_font(FONT, FontStyle::Normal, DEJAVU_SANS).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err("the embedded font could not be read")
+    }
+}
+
+/// Draws a `size` image with `draw` on a white background, encodes it as PNG in memory and
+/// writes it atomically to `path`.
+fn render_png(path: &Path, size: (u32, u32), draw: impl FnOnce(&Area) -> DrawResult) -> Result<()> {
+    let fail = |message: String| Error::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(format!("drawing the chart: {message}")),
+    };
+    register_embedded_font().map_err(|e| fail(e.to_string()))?;
+    let (w, h) = size;
+    let mut rgb = vec![255u8; w as usize * h as usize * 3];
+    {
+        let backend = BitMapBackend::with_buffer_and_format(&mut rgb, size)
+            .map_err(|e| fail(e.to_string()))?;
+        let root = backend.into_drawing_area();
+        draw(&root).map_err(|e| fail(e.to_string()))?;
+        root.present().map_err(|e| fail(e.to_string()))?;
+    }
+    let mut png = Vec::new();
+    PngEncoder::new(&mut png)
+        .write_image(&rgb, w, h, ExtendedColorType::Rgb8)
+        .map_err(|e| fail(e.to_string()))?;
+    atomic_write(path, &png)
+}
+
+fn rgb(c: Rgb<u8>) -> RGBColor {
+    RGBColor(c.0[0], c.0[1], c.0[2])
+}
+
+fn text_style(size: f64, colour: RGBColor) -> TextStyle<'static> {
+    (FONT, size).into_font().color(&colour)
+}
+
+/// `text` cut to at most `max` characters, with an ellipsis marking a cut.
+fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        let keep: String = text.chars().take(max.saturating_sub(1)).collect();
+        format!("{keep}…")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -76,258 +168,150 @@ pub fn series_colour(i: usize) -> Rgb<u8> {
 // ---------------------------------------------------------------------------------------------
 
 /// Draws `series` against the epoch (1..=n, n being the longest series) and writes a PNG of
-/// [`LINE_CHART_WIDTH`] x [`LINE_CHART_HEIGHT`] to `path`.
+/// [`LINE_CHART_WIDTH`] x [`LINE_CHART_HEIGHT`] to `path`, with `x_label` and `y_label` as the
+/// axis titles.
 ///
 /// The y axis is fitted to the finite values with a small margin (or centred on the value when
-/// they are all equal), with "nice" round ticks. Each series gets its own colour and a legend
-/// entry; the legend goes in the corner of the plot where it hides the fewest line pixels.
-pub fn line_chart(path: &Path, title: &str, x_label: &str, series: &[Series]) -> Result<()> {
-    let img = render_line_chart(title, x_label, series);
-    write_png(path, &img)
+/// they are all equal), with round ticks. Each series gets its own colour
+/// ([`series_colour`]) and a legend entry; the legend goes in the corner of the plot where it
+/// hides the fewest data.
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()> {
+    render_png(path, (LINE_CHART_WIDTH, LINE_CHART_HEIGHT), |root| {
+        draw_line_chart(root, title.trim(), x_label.trim(), y_label.trim(), series)
+    })
 }
 
-/// The plot area of a line chart and the mapping from data to pixels.
-struct Frame {
-    left: f64,
-    top: f64,
-    right: f64,
-    bottom: f64,
-    x_min: f64,
-    x_max: f64,
-    y_min: f64,
-    y_max: f64,
-}
-
-impl Frame {
-    fn px(&self, x: f64) -> f64 {
-        self.left + (x - self.x_min) / (self.x_max - self.x_min) * (self.right - self.left)
-    }
-    fn py(&self, y: f64) -> f64 {
-        self.bottom - (y - self.y_min) / (self.y_max - self.y_min) * (self.bottom - self.top)
-    }
-}
-
-fn render_line_chart(title: &str, x_label: &str, series: &[Series]) -> RgbImage {
-    let (w, h) = (LINE_CHART_WIDTH, LINE_CHART_HEIGHT);
-    let mut img = RgbImage::from_pixel(w, h, BACKGROUND);
-
+fn draw_line_chart(
+    root: &Area,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> DrawResult {
     let epochs = series.iter().map(|s| s.values.len()).max().unwrap_or(0);
-    let y_range = value_range(series.iter().flat_map(|s| s.values.iter().copied()));
-    let (y_min, y_max) = y_range.unwrap_or((0.0, 1.0));
-    let y_ticks = nice_ticks(y_min, y_max, 6);
-    let y_labels: Vec<String> = y_ticks.values.iter().map(|&v| y_ticks.label(v)).collect();
-
-    // The left margin fits the widest y tick label.
-    let y_label_w = y_labels
-        .iter()
-        .map(|l| text_width(l, LABEL_SCALE))
-        .max()
-        .unwrap_or(0);
-    // A one-epoch chart still needs an x range: centre the point.
+    let data_range = value_range(series.iter().flat_map(|s| s.values.iter().copied()));
+    let (y_min, y_max) = data_range.unwrap_or((0.0, 1.0));
+    // The ticks the mesh will draw (the same call with the same hint), to size their labels.
+    let y_ticks = RangedCoordf64::from(y_min..y_max).key_points(Y_TICKS);
+    let y_format = TickFormat::new(&y_ticks);
+    // The x axis counts hundredths of an epoch, so that it can be padded by a fraction of an
+    // epoch while its ticks are plotters' integer ticks over 1..=epochs (whole epochs, round
+    // steps). A one-epoch chart still needs an x range: centre the point.
+    let x_ticks: Vec<i64> = match epochs {
+        0 => Vec::new(),
+        _ => RangedCoordusize::from(1..epochs)
+            .key_points(10)
+            .into_iter()
+            .map(|e| e as i64 * X_UNIT)
+            .collect(),
+    };
     let (x_min, x_max) = if epochs <= 1 {
-        (0.0, 2.0)
+        (0, 2 * X_UNIT)
     } else {
-        let pad = (epochs - 1) as f64 * 0.03;
-        (1.0 - pad, epochs as f64 + pad)
+        let pad = ((epochs - 1) as i64 * X_UNIT * 3 / 100).max(1);
+        (X_UNIT - pad, epochs as i64 * X_UNIT + pad)
     };
-    let frame = Frame {
-        left: f64::from(24 + y_label_w + 14),
-        top: 72.0,
-        right: f64::from(w - 32),
-        bottom: f64::from(h - 84),
-        x_min,
-        x_max,
-        y_min,
-        y_max,
-    };
-    let (fl, ft, fr, fb) = (
-        frame.left as i64,
-        frame.top as i64,
-        frame.right as i64,
-        frame.bottom as i64,
-    );
 
-    // Title.
-    let title = title.trim();
-    let tw = text_width(title, TITLE_SCALE);
-    draw_text(
-        &mut img,
-        (i64::from(w) - i64::from(tw)) / 2,
-        22,
-        title,
-        TITLE_SCALE,
-        TEXT,
-    );
-
-    // Grid and y ticks.
-    for (v, label) in y_ticks.values.iter().zip(&y_labels) {
-        let y = frame.py(*v).round() as i64;
-        fill_rect(&mut img, fl, y, fr - fl, 1, GRID);
-        fill_rect(&mut img, fl - 6, y, 6, 1, AXIS);
-        let lw = i64::from(text_width(label, LABEL_SCALE));
-        let lh = i64::from(text_height(LABEL_SCALE));
-        draw_text(&mut img, fl - 10 - lw, y - lh / 2, label, LABEL_SCALE, TEXT);
+    // The y label area fits the widest tick label next to the rotated axis title.
+    let label_style = text_style(LABEL_SIZE, TEXT);
+    let mut tick_w = 0;
+    for v in &y_ticks {
+        tick_w = tick_w.max(
+            root.estimate_text_size(&y_format.label(*v), &label_style)?
+                .0,
+        );
     }
-    // X ticks: whole epochs only.
-    if epochs > 0 {
-        for e in epoch_ticks(epochs) {
-            let x = frame.px(e as f64).round() as i64;
-            fill_rect(&mut img, x, ft, 1, fb - ft, GRID);
-            fill_rect(&mut img, x, fb, 1, 6, AXIS);
-            let label = e.to_string();
-            let lw = i64::from(text_width(&label, LABEL_SCALE));
-            draw_text(&mut img, x - lw / 2, fb + 12, &label, LABEL_SCALE, TEXT);
-        }
-    }
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, text_style(TITLE_SIZE, TEXT))
+        .margin(16)
+        .margin_right(32)
+        .x_label_area_size(64)
+        .y_label_area_size(tick_w + 52)
+        .build_cartesian_2d((x_min..x_max).with_key_points(x_ticks), y_min..y_max)?;
+    chart
+        .configure_mesh()
+        .y_labels(Y_TICKS)
+        .max_light_lines(0)
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .x_label_formatter(&|v| (v / X_UNIT).to_string())
+        .y_label_formatter(&|v| y_format.label(*v))
+        .label_style(label_style.clone())
+        .axis_desc_style(text_style(DESC_SIZE, TEXT))
+        .bold_line_style(GRID)
+        .axis_style(AXIS)
+        .draw()?;
 
-    // Series, on top of the grid. The mask remembers which pixels they cover, for the legend.
-    let mut mask = vec![false; (w * h) as usize];
     for (i, s) in series.iter().enumerate() {
-        let colour = series_colour(i);
-        for run in finite_runs(&s.values) {
-            let points: Vec<(f64, f64)> = run
-                .iter()
-                .map(|&(epoch, v)| (frame.px(epoch as f64), frame.py(v)))
-                .collect();
-            if let [(x, y)] = points[..] {
-                fill_circle(&mut img, &mut mask, x, y, DOT_RADIUS, colour);
-            } else {
-                stroke_polyline(&mut img, &mut mask, &points, LINE_WIDTH, colour);
-            }
-        }
+        let colour = rgb(series_colour(i));
+        let runs: Vec<Vec<(i64, f64)>> = finite_runs(&s.values)
+            .into_iter()
+            .map(|run| {
+                run.into_iter()
+                    .map(|(e, v)| (e as i64 * X_UNIT, v))
+                    .collect()
+            })
+            .collect();
+        let name = match s.name.trim() {
+            "" => format!("series {}", i + 1),
+            name => truncate(name, 32),
+        };
+        chart
+            .draw_series(
+                runs.iter()
+                    .filter(|run| run.len() > 1)
+                    .map(|run| PathElement::new(run.clone(), colour.stroke_width(LINE_WIDTH))),
+            )?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(LINE_WIDTH))
+            });
+        chart.draw_series(
+            runs.iter()
+                .filter(|run| run.len() == 1 || epochs <= MARKER_EPOCHS)
+                .flatten()
+                .map(|&p| Circle::new(p, 4, colour.filled())),
+        )?;
     }
 
-    // Axes (left and bottom) over the series' ends.
-    fill_rect(&mut img, fl, ft, 1, fb - ft + 1, AXIS);
-    fill_rect(&mut img, fl, fb, fr - fl + 1, 1, AXIS);
-
-    // X axis label.
-    let x_label = x_label.trim();
-    let xw = i64::from(text_width(x_label, LABEL_SCALE));
-    draw_text(
-        &mut img,
-        (fl + fr) / 2 - xw / 2,
-        fb + 46,
-        x_label,
-        LABEL_SCALE,
-        TEXT,
-    );
-
-    if y_range.is_none() {
-        let msg = "NO DATA";
-        let mw = i64::from(text_width(msg, LABEL_SCALE));
-        let mh = i64::from(text_height(LABEL_SCALE));
-        draw_text(
-            &mut img,
-            (fl + fr) / 2 - mw / 2,
-            (ft + fb) / 2 - mh / 2,
-            msg,
-            LABEL_SCALE,
-            MUTED_TEXT,
-        );
+    if data_range.is_none() {
+        let centre = ((x_min + x_max) / 2, (y_min + y_max) / 2.0);
+        let style = text_style(DESC_SIZE, MUTED_TEXT).pos(Pos::new(HPos::Center, VPos::Center));
+        chart
+            .plotting_area()
+            .draw(&Text::new("no data", centre, style))?;
     }
 
-    draw_legend(&mut img, &mask, &frame, series);
-    img
-}
-
-/// The legend: a framed box with a line sample and the name of each series, in the corner of
-/// the plot area covering the fewest series pixels (ties: top right, top left, bottom right,
-/// bottom left).
-fn draw_legend(img: &mut RgbImage, mask: &[bool], frame: &Frame, series: &[Series]) {
-    if series.is_empty() {
-        return;
+    if !series.is_empty() {
+        let x_range = (x_min as f64 / X_UNIT as f64, x_max as f64 / X_UNIT as f64);
+        let corner = legend_corner(series, x_range, (y_min, y_max));
+        chart
+            .configure_series_labels()
+            .position(corner)
+            .margin(14)
+            .legend_area_size(32)
+            .label_font(label_style)
+            .background_style(WHITE.mix(0.92))
+            .border_style(LEGEND_BORDER)
+            .draw()?;
     }
-    const PAD: i64 = 10;
-    const SAMPLE: i64 = 26;
-    const GAP: i64 = 8;
-    const ROW: i64 = 24;
-    const MAX_NAME: usize = 32;
-
-    let names: Vec<String> = series
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let name = s.name.trim();
-            let name = if name.is_empty() {
-                format!("SERIES {}", i + 1)
-            } else {
-                name.to_string()
-            };
-            truncate(&name, MAX_NAME)
-        })
-        .collect();
-    let text_w = names
-        .iter()
-        .map(|n| i64::from(text_width(n, LABEL_SCALE)))
-        .max()
-        .unwrap_or(0);
-    let text_h = i64::from(text_height(LABEL_SCALE));
-    let box_w = PAD + SAMPLE + GAP + text_w + PAD;
-    let box_h = PAD + (names.len() as i64 - 1) * ROW + text_h + PAD;
-
-    let inset = 12;
-    let (l, t, r, b) = (
-        frame.left as i64 + inset,
-        frame.top as i64 + inset,
-        frame.right as i64 - inset,
-        frame.bottom as i64 - inset,
-    );
-    let corners = [
-        (r - box_w, t),
-        (l, t),
-        (r - box_w, b - box_h),
-        (l, b - box_h),
-    ];
-    let width = i64::from(img.width());
-    let height = i64::from(img.height());
-    let covered = |x0: i64, y0: i64| -> usize {
-        let mut n = 0;
-        for y in y0.max(0)..(y0 + box_h).min(height) {
-            for x in x0.max(0)..(x0 + box_w).min(width) {
-                if mask[(y * width + x) as usize] {
-                    n += 1;
-                }
-            }
-        }
-        n
-    };
-    let mut best = corners[0];
-    let mut best_count = covered(best.0, best.1);
-    for &(x, y) in &corners[1..] {
-        let c = covered(x, y);
-        if c < best_count {
-            best = (x, y);
-            best_count = c;
-        }
-    }
-    let (x0, y0) = best;
-
-    fill_rect(img, x0, y0, box_w, box_h, BACKGROUND);
-    stroke_rect(img, x0, y0, box_w, box_h, LEGEND_BORDER);
-    let mut scratch = vec![false; mask.len()];
-    for (i, name) in names.iter().enumerate() {
-        let y = y0 + PAD + i as i64 * ROW;
-        let mid = (y + text_h / 2) as f64 + 0.5;
-        let xs = (x0 + PAD) as f64;
-        stroke_polyline(
-            img,
-            &mut scratch,
-            &[(xs, mid), (xs + SAMPLE as f64, mid)],
-            LINE_WIDTH + 0.5,
-            series_colour(i),
-        );
-        draw_text(img, x0 + PAD + SAMPLE + GAP, y, name, LABEL_SCALE, TEXT);
-    }
+    Ok(())
 }
 
 /// The finite points of a series as runs of consecutive epochs: `(epoch, value)` with epochs
-/// counted from 1. A NaN or infinite value ends a run, so the line is broken around it.
+/// counted from 1. A value that is not plotted (NaN, infinite, beyond [`MAX_PLOTTED`]) ends a
+/// run, so the line is broken around it.
 fn finite_runs(values: &[f64]) -> Vec<Vec<(usize, f64)>> {
     let mut runs = Vec::new();
     let mut run = Vec::new();
     for (i, &v) in values.iter().enumerate() {
-        if v.is_finite() {
+        if plotted(v) {
             run.push((i + 1, v));
         } else if !run.is_empty() {
             runs.push(std::mem::take(&mut run));
@@ -339,109 +323,178 @@ fn finite_runs(values: &[f64]) -> Vec<Vec<(usize, f64)>> {
     runs
 }
 
-/// The y range to show for `values`: the finite values' span plus 8% on each side; for a
-/// single distinct value, that value +- 10% of it (+- 1 for 0). `None` if no value is finite.
+fn plotted(v: f64) -> bool {
+    v.is_finite() && v.abs() <= MAX_PLOTTED
+}
+
+/// The y range to show for `values`: the plotted values' span plus 8% on each side; for a
+/// single distinct value, that value +- 10% of it (+- 1 for 0). The span is at least a
+/// billionth of the values' magnitude (and 1e-200), so plotters' tick search stays finite.
+/// `None` if no value is plotted.
 fn value_range(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
-    let (lo, hi) = values
-        .filter(|v| v.is_finite())
-        .fold(None, |acc: Option<(f64, f64)>, v| match acc {
-            None => Some((v, v)),
-            Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
-        })?;
-    let span = hi - lo;
-    if span > 0.0 && span.is_finite() {
-        let m = span * 0.08;
-        Some((lo - m, hi + m))
-    } else if span == 0.0 {
-        let pad = if lo == 0.0 { 1.0 } else { lo.abs() * 0.1 };
-        Some((lo - pad, hi + pad))
+    let (lo, hi) =
+        values
+            .filter(|&v| plotted(v))
+            .fold(None, |acc: Option<(f64, f64)>, v| match acc {
+                None => Some((v, v)),
+                Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
+            })?;
+    let (lo, hi) = if hi > lo {
+        let m = (hi - lo) * 0.08;
+        (lo - m, hi + m)
     } else {
-        // The span overflows f64 (values near +-f64::MAX): show the values, without margin.
+        let pad = if lo == 0.0 { 1.0 } else { lo.abs() * 0.1 };
+        (lo - pad, hi + pad)
+    };
+    let min_span = (lo.abs().max(hi.abs()) * 1e-9).max(1e-200);
+    if hi - lo < min_span {
+        let mid = lo / 2.0 + hi / 2.0;
+        Some((mid - min_span / 2.0, mid + min_span / 2.0))
+    } else {
         Some((lo, hi))
     }
 }
 
-/// Tick positions on an axis and how many decimals their labels need.
+/// How tick values are written: as many decimals as the tick step needs, or in scientific
+/// notation for very large or very fine ticks.
 #[derive(Debug, PartialEq)]
-struct Ticks {
-    values: Vec<f64>,
-    decimals: usize,
+enum TickFormat {
+    Fixed(usize),
+    Scientific(usize),
 }
 
-impl Ticks {
-    fn label(&self, v: f64) -> String {
-        // Avoid "-0.00" for a tick that is zero up to rounding.
-        let v = if v.abs() < 1e-12 * (1.0 + v.abs()) {
-            0.0
+impl TickFormat {
+    fn new(ticks: &[f64]) -> Self {
+        let step = ticks
+            .windows(2)
+            .map(|w| (w[1] - w[0]).abs())
+            .fold(f64::INFINITY, f64::min);
+        let largest = ticks.iter().fold(0f64, |m, v| m.max(v.abs()));
+        if !(step.is_finite() && step > 0.0) {
+            // One tick (or none): its own magnitude decides.
+            return if largest >= 1e5 || (largest > 0.0 && largest < 1e-4) {
+                TickFormat::Scientific(2)
+            } else {
+                TickFormat::Fixed(2)
+            };
+        }
+        if largest >= 1e5 || step < 1e-4 {
+            let digits = (largest / step).log10().ceil().clamp(1.0, 6.0) as usize;
+            TickFormat::Scientific(digits)
         } else {
-            v
-        };
-        format!("{v:.*}", self.decimals)
+            TickFormat::Fixed((-step.log10() - 1e-9).ceil().clamp(0.0, 12.0) as usize)
+        }
+    }
+
+    fn label(&self, v: f64) -> String {
+        match *self {
+            // Avoid "-0.00" for a tick that is zero up to rounding.
+            TickFormat::Fixed(d) if v.abs() < 0.5 * 10f64.powi(-(d as i32)) => {
+                format!("{:.d$}", 0.0)
+            }
+            TickFormat::Fixed(d) => format!("{v:.d$}"),
+            TickFormat::Scientific(_) if v == 0.0 => "0".to_string(),
+            TickFormat::Scientific(d) => format!("{v:.d$e}"),
+        }
     }
 }
 
-/// Round tick values (1, 2 or 5 times a power of ten apart) inside `[lo, hi]`, about `target`
-/// of them.
-fn nice_ticks(lo: f64, hi: f64, target: usize) -> Ticks {
-    let empty = Ticks {
-        values: Vec::new(),
-        decimals: 0,
+/// Where along an axis a legend box sits, as a share of the plot: its start and end.
+fn band(at: Side, size: f64) -> (f64, f64) {
+    match at {
+        Side::Low => (0.0, size),
+        Side::Middle => (0.5 - size / 2.0, 0.5 + size / 2.0),
+        Side::High => (1.0 - size, 1.0),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Low,
+    Middle,
+    High,
+}
+
+/// The place in the plot where the legend hides the fewest data: points and line samples are
+/// counted in a box about the legend's size at each corner and edge middle (ties: top right,
+/// top left, bottom right, bottom left, then the middles of the right, left, top and bottom
+/// edges).
+fn legend_corner(series: &[Series], x: (f64, f64), y: (f64, f64)) -> SeriesLabelPosition {
+    use SeriesLabelPosition as P;
+    use Side::{High, Low, Middle};
+    // The legend's share of the plot area: rows of ~24 px in ~390 px, names ~9 px a letter
+    // in ~760 px.
+    let longest = series
+        .iter()
+        .map(|s| s.name.chars().count().min(32))
+        .max()
+        .unwrap_or(0);
+    let w = ((longest as f64 * 9.0 + 80.0) / 760.0).min(1.0);
+    let h = ((series.len() as f64 * 24.0 + 30.0) / 390.0).min(1.0);
+    let unit = |v: f64, (lo, hi): (f64, f64)| (v - lo) / (hi - lo);
+    let mut samples = Vec::new();
+    for run in series.iter().flat_map(|s| finite_runs(&s.values)) {
+        let run: Vec<(f64, f64)> = run
+            .into_iter()
+            .map(|(e, v)| (unit(e as f64, x), unit(v, y)))
+            .collect();
+        samples.extend(run.iter().copied());
+        for pair in run.windows(2) {
+            let ((x0, y0), (x1, y1)) = (pair[0], pair[1]);
+            samples.extend((1..8).map(|k| {
+                let t = f64::from(k) / 8.0;
+                (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t)
+            }));
+        }
+    }
+    let covered = |across: Side, up: Side| {
+        let ((u0, u1), (v0, v1)) = (band(across, w), band(up, h));
+        samples
+            .iter()
+            .filter(|&&(u, v)| (u0..=u1).contains(&u) && (v0..=v1).contains(&v))
+            .count()
     };
-    let span = hi - lo;
-    if !(span > 0.0 && span.is_finite()) || target == 0 {
-        return empty;
-    }
-    let step = nice_step(span / target as f64);
-    if !(step > 0.0 && step.is_finite()) {
-        return empty;
-    }
-    let first = (lo / step).ceil();
-    let last = (hi / step).floor();
-    // At most a few dozen ticks; guards the loop against huge or odd ranges.
-    if !(first.is_finite() && last.is_finite()) || last - first > 50.0 {
-        return empty;
-    }
-    let values = (0..=((last - first) as i64))
-        .map(|k| (first + k as f64) * step)
-        .collect();
-    let decimals = (-step.log10().floor()).clamp(0.0, 12.0) as usize;
-    Ticks { values, decimals }
-}
-
-/// 1, 2 or 5 times a power of ten, near `raw`.
-fn nice_step(raw: f64) -> f64 {
-    let mag = 10f64.powf(raw.log10().floor());
-    let norm = raw / mag;
-    let nice = if norm < 1.5 {
-        1.0
-    } else if norm < 3.0 {
-        2.0
-    } else if norm < 7.0 {
-        5.0
-    } else {
-        10.0
-    };
-    nice * mag
-}
-
-/// Whole-epoch x ticks for `epochs` epochs: every epoch for short runs, else multiples of a
-/// round step (5, 10, 20, 50, ...).
-fn epoch_ticks(epochs: usize) -> Vec<usize> {
-    if epochs <= 10 {
-        return (1..=epochs).collect();
-    }
-    let step = (nice_step((epochs - 1) as f64 / 8.0).round() as usize).max(1);
-    (1..=epochs / step).map(|k| k * step).collect()
+    [
+        (P::UpperRight, High, High),
+        (P::UpperLeft, Low, High),
+        (P::LowerRight, High, Low),
+        (P::LowerLeft, Low, Low),
+        (P::MiddleRight, High, Middle),
+        (P::MiddleLeft, Low, Middle),
+        (P::UpperMiddle, Middle, High),
+        (P::LowerMiddle, Middle, Low),
+    ]
+    .into_iter()
+    .min_by_key(|&(_, across, up)| covered(across, up))
+    .map_or(P::UpperRight, |(place, _, _)| place)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Confusion matrix
 // ---------------------------------------------------------------------------------------------
 
-/// Draws `matrix` (`matrix[true][predicted]` counts) as a heat map and writes it as a PNG to
-/// `path`: darker blue for larger counts, the count written in each cell that can hold it,
-/// class names along both axes, "TRUE" on the vertical axis and "PREDICTED" on the horizontal
-/// one.
+/// The pixel size of the confusion matrix of `classes` classes: [`CONFUSION_MATRIX_WIDTH`] x
+/// [`CONFUSION_MATRIX_HEIGHT`] up to [`CONFUSION_MATRIX_FIXED_CLASSES`] classes, then larger
+/// so that cells stay readable; a chart of more than [`CONFUSION_MATRIX_MAX_CLASSES`] classes
+/// only says so, at the fixed size.
+pub fn confusion_matrix_size(classes: usize) -> (u32, u32) {
+    if classes > CONFUSION_MATRIX_MAX_CLASSES {
+        return (CONFUSION_MATRIX_WIDTH, CONFUSION_MATRIX_HEIGHT);
+    }
+    // The grid of the fixed-size image is about 480 px square; grow it by what more classes
+    // need.
+    let grid = MIN_CELL * classes as u32;
+    let extra = grid.saturating_sub(MIN_CELL * CONFUSION_MATRIX_FIXED_CLASSES as u32);
+    (
+        CONFUSION_MATRIX_WIDTH + extra,
+        CONFUSION_MATRIX_HEIGHT + extra,
+    )
+}
+
+/// Draws `matrix` (`matrix[true][predicted]` counts) as a heat map and writes it as a PNG of
+/// [`confusion_matrix_size`] to `path`: darker blue for larger counts with a colour scale
+/// beside the grid, the count written in each cell that can hold it, class names along both
+/// axes, "true" on the vertical axis and "predicted" on the horizontal one.
 ///
 /// The number of classes is the largest of `classes.len()`, the row count and the longest row;
 /// missing cells count as 0 and a class without a name is labelled by its index.
@@ -451,125 +504,18 @@ pub fn confusion_matrix_png(
     classes: &[String],
     matrix: &[Vec<usize>],
 ) -> Result<()> {
-    let img = render_confusion_matrix(title, classes, matrix);
-    write_png(path, &img)
-}
-
-/// Where everything of a confusion-matrix image goes; shared with the tests.
-#[derive(Debug)]
-struct MatrixLayout {
-    width: u32,
-    height: u32,
-    /// Top-left corner of the grid of cells.
-    grid_x: i64,
-    grid_y: i64,
-    /// Side of one cell, gaps included.
-    cell: i64,
-    /// White gap between cells, split over both sides.
-    gap: i64,
-    /// Scale of the class names on both axes; 0 when cells are too small for any text.
-    name_scale: u32,
-    /// Column names are turned a quarter left (read bottom to top) when one is wider than
-    /// its cell.
-    vertical_names: bool,
-    /// Top of the column names, and of the "PREDICTED" label.
-    col_names_y: i64,
-    predicted_y: i64,
-    /// Left edge of the rotated "TRUE" label.
-    true_x: i64,
-}
-
-const MATRIX_TITLE_TOP: i64 = 22;
-
-fn matrix_layout(title: &str, names: &[String], max_count: usize) -> MatrixLayout {
-    let n = names.len() as i64;
-    // Cells shrink as classes grow, so ten classes still fit a screen; beyond a few hundred
-    // classes the image grows instead (one pixel per cell at worst).
-    let cell: i64 = if n == 0 {
-        120
-    } else if n <= 500 {
-        (480 / n).clamp(8, 120)
-    } else {
-        (4000 / n).max(1)
-    };
-    // Widen the cells so the largest count fits at full size, then so every column name
-    // fits under its cell, each only as long as the grid stays within 720 pixels; past that,
-    // counts get smaller and column names are written vertically.
-    let widest = |scale| {
-        names
-            .iter()
-            .map(|s| i64::from(text_width(s, scale)))
-            .max()
-            .unwrap_or(0)
-    };
-    let widen = |cell: i64, need: i64| {
-        if n > 0 && need * n <= 720 {
-            cell.max(need)
-        } else {
-            cell
-        }
-    };
-    let cell = widen(cell, count_room(max_count, LABEL_SCALE));
-    let cell = widen(cell, widest(LABEL_SCALE) + 12);
-    let gap = if cell >= 16 { 2 } else { 0 };
-    let grid = cell * n;
-
-    // Names must not be taller than their row (or, vertical, wider than their column).
-    let name_scale = if cell >= 16 {
-        LABEL_SCALE
-    } else if cell >= 9 {
-        1
-    } else {
-        0
-    };
-    let names_w = if name_scale == 0 {
-        0
-    } else {
-        widest(name_scale)
-    };
-    let vertical_names = name_scale > 0 && names_w > cell - 4;
-    let col_band = match (name_scale, vertical_names) {
-        (0, _) => 0,
-        (_, true) => names_w,
-        (s, false) => i64::from(text_height(s)),
-    };
-    let label_h = i64::from(text_height(LABEL_SCALE));
-
-    // Left to right: margin, "TRUE" (rotated), gap, row names, gap, grid, margin.
-    let block_w = label_h + 14 + names_w + 12 + grid;
-    let title_w = i64::from(text_width(title, TITLE_SCALE));
-    let width = (block_w + 2 * 32).max(title_w + 80).max(240);
-    // Top to bottom: title, gap, grid, gap, column names, gap, "PREDICTED", margin.
-    let grid_y = MATRIX_TITLE_TOP + i64::from(text_height(TITLE_SCALE)) + 28;
-    let col_names_y = grid_y + grid + 10;
-    let predicted_y = col_names_y + col_band + 18;
-    let height = predicted_y + label_h + 24;
-    // Centre the block (axis label, row names, grid) horizontally.
-    let block_x = (width - block_w) / 2;
-    MatrixLayout {
-        width: width as u32,
-        height: height as u32,
-        grid_x: block_x + block_w - grid,
-        grid_y,
-        cell,
-        gap,
-        name_scale,
-        vertical_names,
-        col_names_y,
-        predicted_y,
-        true_x: block_x,
-    }
-}
-
-/// The cell side (gaps included) that holds `count` written at `scale` with some air.
-fn count_room(count: usize, scale: u32) -> i64 {
-    let text = i64::from(text_width(&count.to_string(), scale).max(text_height(scale)));
-    text + 12
+    let n = classes
+        .len()
+        .max(matrix.len())
+        .max(matrix.iter().map(Vec::len).max().unwrap_or(0));
+    render_png(path, confusion_matrix_size(n), |root| {
+        draw_confusion_matrix(root, title.trim(), classes, matrix, n)
+    })
 }
 
 /// The colour of a cell holding `t` (0..1) of the largest count: a white-to-navy blue ramp
 /// (matplotlib's "Blues" end points, through a middle blue).
-fn heat_colour(t: f64) -> Rgb<u8> {
+fn heat_colour(t: f64) -> RGBColor {
     const STOPS: [[f64; 3]; 3] = [
         [247.0, 251.0, 255.0],
         [107.0, 174.0, 214.0],
@@ -585,16 +531,112 @@ fn heat_colour(t: f64) -> Rgb<u8> {
     } else {
         (STOPS[1], STOPS[2], (t - 0.5) * 2.0)
     };
-    Rgb(std::array::from_fn(|i| {
-        (a[i] + (b[i] - a[i]) * u).round() as u8
-    }))
+    let mix = |i: usize| (a[i] + (b[i] - a[i]) * u).round() as u8;
+    RGBColor(mix(0), mix(1), mix(2))
 }
 
-fn render_confusion_matrix(title: &str, classes: &[String], matrix: &[Vec<usize>]) -> RgbImage {
-    let n = classes
-        .len()
-        .max(matrix.len())
-        .max(matrix.iter().map(Vec::len).max().unwrap_or(0));
+/// Where the parts of a confusion matrix go in the area left of its colour scale: a square
+/// grid with the row names and "true" on its left, the column names and "predicted" below it.
+#[derive(Debug)]
+struct MatrixLayout {
+    /// Text size of the class names; under [`MIN_TEXT`] when the cells are too small for them.
+    name_size: f64,
+    /// Column names are turned to read upwards when one is wider than its cell.
+    vertical: bool,
+    /// Label area sizes, left of and below the grid.
+    left: u32,
+    bottom: u32,
+    /// Margins around grid and labels; they centre the square grid in the area.
+    margin_left: u32,
+    margin_right: u32,
+    margin_top: u32,
+    margin_bottom: u32,
+    /// Side of one cell, in pixels.
+    cell: f64,
+}
+
+/// Smallest text size drawn: class names or counts that would be smaller are left out.
+const MIN_TEXT: f64 = 7.0;
+const MATRIX_MARGIN: u32 = 12;
+/// Width of the colour scale beside a confusion matrix, its labels included.
+const SCALE_WIDTH: u32 = 100;
+
+/// Lays out a confusion matrix of `names` in `area`. The class names' size follows the cells
+/// (at most [`LABEL_SIZE`], 75% of a cell), and the cells follow the space the names leave, so
+/// the two are settled in a few rounds (names only shrink, so cells only grow).
+fn matrix_layout(
+    area: &Area,
+    names: &[String],
+) -> std::result::Result<MatrixLayout, Box<dyn std::error::Error>> {
+    let (w, h) = area.dim_in_pixel();
+    let n = names.len().max(1) as f64;
+    let mut name_size = LABEL_SIZE;
+    let mut round = 0;
+    loop {
+        let (mut names_w, mut names_h) = (0, 0);
+        if name_size >= MIN_TEXT {
+            for name in names {
+                let (nw, nh) = area.estimate_text_size(name, &text_style(name_size, TEXT))?;
+                names_w = names_w.max(nw);
+                names_h = names_h.max(nh);
+            }
+        }
+        let left = names_w + 48;
+        let side = |bottom: u32| {
+            let free_w = w.saturating_sub(2 * MATRIX_MARGIN + left);
+            let free_h = h.saturating_sub(2 * MATRIX_MARGIN + bottom);
+            free_w.min(free_h)
+        };
+        let flat_bottom = names_h + 44;
+        let vertical = f64::from(names_w) > f64::from(side(flat_bottom)) / n - 8.0;
+        let bottom = if vertical { names_w + 44 } else { flat_bottom };
+        let side = side(bottom);
+        let cell = f64::from(side) / n;
+        let fits = (cell * 0.75).min(LABEL_SIZE);
+        round += 1;
+        if fits >= name_size - 0.01 || round == 4 {
+            let slack_x = w.saturating_sub(2 * MATRIX_MARGIN + left + side);
+            let slack_y = h.saturating_sub(2 * MATRIX_MARGIN + bottom + side);
+            return Ok(MatrixLayout {
+                name_size,
+                vertical,
+                left,
+                bottom,
+                margin_left: MATRIX_MARGIN + slack_x / 2,
+                margin_right: MATRIX_MARGIN + slack_x - slack_x / 2,
+                margin_top: MATRIX_MARGIN + slack_y / 2,
+                margin_bottom: MATRIX_MARGIN + slack_y - slack_y / 2,
+                cell,
+            });
+        }
+        name_size = fits;
+    }
+}
+
+fn draw_confusion_matrix(
+    root: &Area,
+    title: &str,
+    classes: &[String],
+    matrix: &[Vec<usize>],
+    n: usize,
+) -> DrawResult {
+    let titled = root
+        .margin(14, 0, 0, 0)
+        .titled(title, text_style(TITLE_SIZE, TEXT))?;
+    let message = match n {
+        0 => Some("no data".to_string()),
+        n if n > CONFUSION_MATRIX_MAX_CLASSES => Some(format!(
+            "{n} classes: too many to draw (at most {CONFUSION_MATRIX_MAX_CLASSES})"
+        )),
+        _ => None,
+    };
+    if let Some(message) = message {
+        let (w, h) = titled.dim_in_pixel();
+        let style = text_style(DESC_SIZE, MUTED_TEXT).pos(Pos::new(HPos::Center, VPos::Center));
+        titled.draw(&Text::new(message, (w as i32 / 2, h as i32 / 3), style))?;
+        return Ok(());
+    }
+
     let names: Vec<String> = (0..n)
         .map(|i| match classes.get(i).map(|s| s.trim()) {
             Some(s) if !s.is_empty() => truncate(s, 20),
@@ -602,410 +644,145 @@ fn render_confusion_matrix(title: &str, classes: &[String], matrix: &[Vec<usize>
         })
         .collect();
     let count = |t: usize, p: usize| matrix.get(t).and_then(|r| r.get(p)).copied().unwrap_or(0);
-
     let max = (0..n)
         .flat_map(|t| (0..n).map(move |p| (t, p)))
         .map(|(t, p)| count(t, p))
         .max()
         .unwrap_or(0);
-    let title = title.trim();
-    let lay = matrix_layout(title, &names, max);
-    let mut img = RgbImage::from_pixel(lay.width, lay.height, BACKGROUND);
 
-    let tw = i64::from(text_width(title, TITLE_SCALE));
-    draw_text(
-        &mut img,
-        (i64::from(lay.width) - tw) / 2,
-        MATRIX_TITLE_TOP,
-        title,
-        TITLE_SCALE,
-        TEXT,
-    );
+    let (w, _) = titled.dim_in_pixel();
+    let (grid_area, scale_area) = titled.split_horizontally(w.saturating_sub(SCALE_WIDTH));
+    let lay = matrix_layout(&grid_area, &names)?;
+    let show_names = lay.name_size >= MIN_TEXT;
+    let name_style = text_style(lay.name_size, TEXT);
 
-    let grid = lay.cell * n as i64;
-    if n == 0 {
-        let msg = "NO DATA";
-        let mw = i64::from(text_width(msg, LABEL_SCALE));
-        draw_text(
-            &mut img,
-            (i64::from(lay.width) - mw) / 2,
-            lay.grid_y + 8,
-            msg,
-            LABEL_SCALE,
-            MUTED_TEXT,
-        );
-        return img;
-    }
+    // Segmented axes over the n classes 0..=n-1: cell `i` spans Exact(i)..Exact(i + 1), its
+    // label sits at CenterOf(i). Row `t` (true class) is drawn from the top: y runs upwards,
+    // so it sits at n - 1 - t.
+    let mut chart = ChartBuilder::on(&grid_area)
+        .margin_left(lay.margin_left)
+        .margin_right(lay.margin_right)
+        .margin_top(lay.margin_top)
+        .margin_bottom(lay.margin_bottom)
+        .x_label_area_size(lay.bottom)
+        .y_label_area_size(lay.left)
+        .build_cartesian_2d((0..n - 1).into_segmented(), (0..n - 1).into_segmented())?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(n)
+        .y_labels(n)
+        .x_desc("predicted")
+        .y_desc("true")
+        // Column names are drawn below, by hand: plotters centres a turned x label on its tick,
+        // half of it inside the grid.
+        .x_label_formatter(&|_| String::new())
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(row) if show_names => names
+                .get(n - 1 - (*row).min(n - 1))
+                .cloned()
+                .unwrap_or_default(),
+            _ => String::new(),
+        })
+        .y_label_style(name_style.clone())
+        .axis_desc_style(text_style(DESC_SIZE, TEXT))
+        .axis_style(AXIS)
+        .draw()?;
 
-    // One text size for every count: the largest at which the largest count fits a cell.
-    let count_scale = [LABEL_SCALE, 1]
-        .into_iter()
-        .find(|&s| count_room(max, s) <= lay.cell);
-    let half_gap = lay.gap / 2;
+    // One text size for every count: the largest (up to 20 px) at which the largest count fits
+    // a cell with some air; counts are left out when that is under MIN_TEXT.
+    let count_size = {
+        let size = (lay.cell * 0.4).min(20.0);
+        let (tw, _) = root.estimate_text_size(&max.to_string(), &text_style(size, TEXT))?;
+        if f64::from(tw) > lay.cell - 8.0 {
+            size * (lay.cell - 8.0) / f64::from(tw.max(1))
+        } else {
+            size
+        }
+    };
+    let gap = if lay.cell >= 16.0 { 2 } else { 0 };
     for t in 0..n {
         for p in 0..n {
             let c = count(t, p);
             let frac = if max == 0 { 0.0 } else { c as f64 / max as f64 };
-            let x = lay.grid_x + p as i64 * lay.cell;
-            let y = lay.grid_y + t as i64 * lay.cell;
-            let side = lay.cell - lay.gap;
-            fill_rect(
-                &mut img,
-                x + half_gap,
-                y + half_gap,
-                side,
-                side,
-                heat_colour(frac),
-            );
-            if let Some(s) = count_scale {
+            let row = n - 1 - t;
+            let corners = [
+                (SegmentValue::Exact(p), SegmentValue::Exact(row)),
+                (SegmentValue::Exact(p + 1), SegmentValue::Exact(row + 1)),
+            ];
+            chart.draw_series([Rectangle::new(corners.clone(), heat_colour(frac).filled())])?;
+            if gap > 0 {
+                chart.draw_series([Rectangle::new(corners, WHITE.stroke_width(gap))])?;
+            }
+            if count_size >= MIN_TEXT {
                 // White on the dark half of the ramp, dark ink on the pale half.
-                let ink = if frac > 0.5 { BACKGROUND } else { TEXT };
-                let text = c.to_string();
-                let w = i64::from(text_width(&text, s));
-                let h = i64::from(text_height(s));
-                draw_text(
-                    &mut img,
-                    x + (lay.cell - w) / 2,
-                    y + (lay.cell - h) / 2,
-                    &text,
-                    s,
-                    ink,
-                );
+                let ink = if frac > 0.5 { WHITE } else { TEXT };
+                let style = text_style(count_size, ink).pos(Pos::new(HPos::Center, VPos::Center));
+                let centre = (SegmentValue::CenterOf(p), SegmentValue::CenterOf(row));
+                chart.draw_series([Text::new(c.to_string(), centre, style)])?;
             }
         }
     }
 
-    // Row names right-aligned against the grid; column names centred under their cell, or
-    // turned to read upwards and ending just under the grid.
-    if lay.name_scale > 0 {
-        let s = lay.name_scale;
-        let h = i64::from(text_height(s));
+    // Column names under their cells, on `root` (whose coordinates are the image's pixels):
+    // level and centred, or turned to read upwards and ending just under the grid.
+    if show_names {
+        let (xs, ys) = chart.plotting_area().get_pixel_range();
+        let style = if lay.vertical {
+            name_style
+                .transform(FontTransform::Rotate270)
+                .pos(Pos::new(HPos::Right, VPos::Center))
+        } else {
+            name_style.pos(Pos::new(HPos::Center, VPos::Top))
+        };
         for (i, name) in names.iter().enumerate() {
-            let w = i64::from(text_width(name, s));
-            let start = i as i64 * lay.cell;
-            let y = lay.grid_y + start + (lay.cell - h) / 2;
-            draw_text(&mut img, lay.grid_x - 12 - w, y, name, s, TEXT);
-            if lay.vertical_names {
-                let x = lay.grid_x + start + (lay.cell - h) / 2;
-                draw_text_up(&mut img, x, lay.col_names_y, name, s, TEXT);
-            } else {
-                let x = lay.grid_x + start + (lay.cell - w) / 2;
-                draw_text(&mut img, x, lay.col_names_y, name, s, TEXT);
-            }
+            let x = xs.start + ((i as f64 + 0.5) * lay.cell) as i32;
+            root.draw(&Text::new(name.as_str(), (x, ys.end + 10), style.clone()))?;
         }
     }
 
-    // Axis titles.
-    let label = "PREDICTED";
-    let w = i64::from(text_width(label, LABEL_SCALE));
-    let x = lay.grid_x + grid / 2 - w / 2;
-    draw_text(&mut img, x, lay.predicted_y, label, LABEL_SCALE, MUTED_TEXT);
-    let label = "TRUE";
-    let w = i64::from(text_width(label, LABEL_SCALE));
-    let y = lay.grid_y + grid / 2 - w / 2;
-    draw_text_up(&mut img, lay.true_x, y, label, LABEL_SCALE, MUTED_TEXT);
-    img
+    draw_colour_scale(&scale_area, max, &lay)
 }
 
-// ---------------------------------------------------------------------------------------------
-// Output
-// ---------------------------------------------------------------------------------------------
-
-/// Encodes `img` as PNG in memory, then writes it atomically.
-fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
-    let mut bytes = Cursor::new(Vec::new());
-    PngEncoder::new(&mut bytes)
-        .write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            ExtendedColorType::Rgb8,
-        )
-        .map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(e),
-        })?;
-    atomic_write(path, bytes.get_ref())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Drawing primitives. Coordinates are i64 (or f64) and may fall outside the image: everything
-// is clipped, so layout arithmetic never needs to be careful about edges.
-// ---------------------------------------------------------------------------------------------
-
-fn put(img: &mut RgbImage, x: i64, y: i64, colour: Rgb<u8>) {
-    if x >= 0 && y >= 0 && x < i64::from(img.width()) && y < i64::from(img.height()) {
-        img.put_pixel(x as u32, y as u32, colour);
+/// The colour scale beside a confusion matrix: the heat ramp from 0 (bottom) to `max` (top)
+/// with count ticks, its ends level with the grid's (same top margin, same space below).
+fn draw_colour_scale(area: &Area, max: usize, lay: &MatrixLayout) -> DrawResult {
+    let mut scale = ChartBuilder::on(area)
+        .margin_top(lay.margin_top)
+        .margin_bottom(lay.margin_bottom)
+        .margin_left(8)
+        .margin_right(8)
+        .x_label_area_size(lay.bottom)
+        .right_y_label_area_size(60)
+        .build_cartesian_2d(0..1usize, 0..max.max(1))?;
+    scale
+        .configure_mesh()
+        .disable_mesh()
+        .disable_x_axis()
+        .y_labels(6)
+        .set_tick_mark_size(LabelAreaPosition::Right, 4)
+        .label_style(text_style(LABEL_SIZE - 2.0, TEXT))
+        .axis_style(AXIS)
+        .draw()?;
+    // The ramp, one pixel row at a time, in the plot area's own pixels.
+    let bar = scale.plotting_area().strip_coord_spec();
+    let (w, h) = bar.dim_in_pixel();
+    let (w, h) = (w as i32, h as i32);
+    for y in 0..h {
+        let t = 1.0 - f64::from(y) / f64::from((h - 1).max(1));
+        bar.draw(&Rectangle::new(
+            [(0, y), (w, y + 1)],
+            heat_colour(t).filled(),
+        ))?;
     }
-}
-
-/// Mixes `colour` into the pixel with weight `alpha` (0..1).
-fn blend(img: &mut RgbImage, x: i64, y: i64, colour: Rgb<u8>, alpha: f64) {
-    if x < 0 || y < 0 || x >= i64::from(img.width()) || y >= i64::from(img.height()) {
-        return;
-    }
-    let p = img.get_pixel_mut(x as u32, y as u32);
-    for (dst, src) in p.0.iter_mut().zip(colour.0) {
-        let mixed = f64::from(*dst) * (1.0 - alpha) + f64::from(src) * alpha;
-        *dst = mixed.round().clamp(0.0, 255.0) as u8;
-    }
-}
-
-fn fill_rect(img: &mut RgbImage, x: i64, y: i64, w: i64, h: i64, colour: Rgb<u8>) {
-    let (x0, y0) = (x.max(0), y.max(0));
-    let x1 = (x + w).min(i64::from(img.width()));
-    let y1 = (y + h).min(i64::from(img.height()));
-    for py in y0..y1 {
-        for px in x0..x1 {
-            img.put_pixel(px as u32, py as u32, colour);
-        }
-    }
-}
-
-/// A one-pixel outline of the rectangle.
-fn stroke_rect(img: &mut RgbImage, x: i64, y: i64, w: i64, h: i64, colour: Rgb<u8>) {
-    fill_rect(img, x, y, w, 1, colour);
-    fill_rect(img, x, y + h - 1, w, 1, colour);
-    fill_rect(img, x, y, 1, h, colour);
-    fill_rect(img, x + w - 1, y, 1, h, colour);
-}
-
-/// Distance from `p` to the segment `a`-`b`.
-fn distance_to_segment(p: (f64, f64), a: (f64, f64), b: (f64, f64)) -> f64 {
-    let (dx, dy) = (b.0 - a.0, b.1 - a.1);
-    let len2 = dx * dx + dy * dy;
-    let t = if len2 > 0.0 {
-        (((p.0 - a.0) * dx + (p.1 - a.1) * dy) / len2).clamp(0.0, 1.0)
-    } else {
-        0.0
-    };
-    let (cx, cy) = (a.0 + t * dx, a.1 + t * dy);
-    ((p.0 - cx).powi(2) + (p.1 - cy).powi(2)).sqrt()
-}
-
-/// An anti-aliased polyline of the given width with round joins and caps. Each pixel's
-/// coverage is the maximum over all segments (not their sum), so joins are not darker than
-/// the line. Covered pixels are marked in `mask` (row-major, the image's size).
-fn stroke_polyline(
-    img: &mut RgbImage,
-    mask: &mut [bool],
-    points: &[(f64, f64)],
-    width: f64,
-    colour: Rgb<u8>,
-) {
-    let points: Vec<(f64, f64)> = points
-        .iter()
-        .copied()
-        .filter(|p| p.0.is_finite() && p.1.is_finite())
-        .collect();
-    if points.is_empty() {
-        return;
-    }
-    let reach = width / 2.0 + 1.0;
-    let (iw, ih) = (i64::from(img.width()), i64::from(img.height()));
-    let clamp_x = |v: f64| (v as i64).clamp(0, iw);
-    let clamp_y = |v: f64| (v as i64).clamp(0, ih);
-    let bx0 = clamp_x(points.iter().map(|p| p.0).fold(f64::INFINITY, f64::min) - reach);
-    let by0 = clamp_y(points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min) - reach);
-    let bx1 = clamp_x(points.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max) + reach + 1.0);
-    let by1 = clamp_y(points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max) + reach + 1.0);
-    if bx1 <= bx0 || by1 <= by0 {
-        return;
-    }
-    let bw = (bx1 - bx0) as usize;
-    let mut coverage = vec![0f64; bw * (by1 - by0) as usize];
-
-    // A single point is a zero-length segment: a round dot.
-    let segments: Vec<((f64, f64), (f64, f64))> = if points.len() == 1 {
-        vec![(points[0], points[0])]
-    } else {
-        points.windows(2).map(|w| (w[0], w[1])).collect()
-    };
-    for (a, b) in segments {
-        let x0 = clamp_x(a.0.min(b.0) - reach);
-        let x1 = clamp_x(a.0.max(b.0) + reach + 1.0);
-        let y0 = clamp_y(a.1.min(b.1) - reach);
-        let y1 = clamp_y(a.1.max(b.1) + reach + 1.0);
-        for y in y0..y1 {
-            for x in x0..x1 {
-                let d = distance_to_segment((x as f64 + 0.5, y as f64 + 0.5), a, b);
-                let c = (width / 2.0 + 0.5 - d).clamp(0.0, 1.0);
-                let i = (y - by0) as usize * bw + (x - bx0) as usize;
-                if c > coverage[i] {
-                    coverage[i] = c;
-                }
-            }
-        }
-    }
-    for (i, &c) in coverage.iter().enumerate() {
-        if c > 0.0 {
-            let x = bx0 + (i % bw) as i64;
-            let y = by0 + (i / bw) as i64;
-            blend(img, x, y, colour, c);
-            if let Some(m) = mask.get_mut((y * iw + x) as usize) {
-                *m = true;
-            }
-        }
-    }
-}
-
-/// An anti-aliased filled disc.
-fn fill_circle(
-    img: &mut RgbImage,
-    mask: &mut [bool],
-    cx: f64,
-    cy: f64,
-    radius: f64,
-    colour: Rgb<u8>,
-) {
-    stroke_polyline(img, mask, &[(cx, cy)], radius * 2.0, colour);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Text: a 5x7 bitmap font, each glyph drawn as `scale` x `scale` blocks with one blank column
-// between glyphs.
-// ---------------------------------------------------------------------------------------------
-
-const GLYPH_W: u32 = 5;
-const GLYPH_H: u32 = 7;
-const ADVANCE: u32 = GLYPH_W + 1;
-
-/// Width in pixels of `text` drawn at `scale` (no trailing spacing).
-fn text_width(text: &str, scale: u32) -> u32 {
-    let n = text.chars().count() as u32;
-    if n == 0 {
-        0
-    } else {
-        (n * ADVANCE - 1) * scale
-    }
-}
-
-/// Height in pixels of a line of text drawn at `scale`.
-fn text_height(scale: u32) -> u32 {
-    GLYPH_H * scale
-}
-
-/// `text` cut to at most `max` characters, with ".." marking a cut.
-fn truncate(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        text.to_string()
-    } else {
-        let keep: String = text.chars().take(max.saturating_sub(2)).collect();
-        format!("{keep}..")
-    }
-}
-
-/// Draws `text` with its top-left corner at (x, y).
-fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, scale: u32, colour: Rgb<u8>) {
-    let s = i64::from(scale);
-    for (k, ch) in text.chars().enumerate() {
-        let gx0 = x + k as i64 * i64::from(ADVANCE) * s;
-        for (row, bits) in glyph(ch).iter().enumerate() {
-            for col in 0..GLYPH_W {
-                if bits & (1 << (GLYPH_W - 1 - col)) != 0 {
-                    fill_rect(
-                        img,
-                        gx0 + i64::from(col) * s,
-                        y + row as i64 * s,
-                        s,
-                        s,
-                        colour,
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// Draws `text` turned a quarter left (read bottom to top), its bounding box's top-left
-/// corner at (x, y); the box is `text_height` wide and `text_width` tall.
-fn draw_text_up(img: &mut RgbImage, x: i64, y: i64, text: &str, scale: u32, colour: Rgb<u8>) {
-    let s = i64::from(scale);
-    let len = i64::from(text_width(text, scale));
-    for (k, ch) in text.chars().enumerate() {
-        for (row, bits) in glyph(ch).iter().enumerate() {
-            for col in 0..GLYPH_W {
-                if bits & (1 << (GLYPH_W - 1 - col)) != 0 {
-                    // Unrotated block at (ux, uy); a quarter turn left maps it to
-                    // (uy, len - ux - s).
-                    let ux = (k as i64 * i64::from(ADVANCE) + i64::from(col)) * s;
-                    let uy = row as i64 * s;
-                    for dy in 0..s {
-                        for dx in 0..s {
-                            put(img, x + uy + dy, y + len - 1 - (ux + dx), colour);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The 5x7 bitmap of `c`: seven rows, top first, the low five bits of each row left to right.
-/// Lower-case letters use the upper-case glyphs; a character the font lacks is drawn as `?`.
-fn glyph(c: char) -> [u8; 7] {
-    match c.to_ascii_uppercase() {
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-        'D' => [0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C],
-        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
-        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
-        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
-        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
-        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
-        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
-        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
-        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
-        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
-        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
-        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
-        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
-        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
-        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
-        'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
-        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
-        ' ' => [0; 7],
-        '.' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x0C, 0x0C],
-        ',' => [0x00, 0x00, 0x00, 0x00, 0x0C, 0x04, 0x08],
-        '-' => [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00],
-        '+' => [0x00, 0x04, 0x04, 0x1F, 0x04, 0x04, 0x00],
-        '=' => [0x00, 0x00, 0x1F, 0x00, 0x1F, 0x00, 0x00],
-        '_' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1F],
-        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
-        ':' => [0x00, 0x0C, 0x0C, 0x00, 0x0C, 0x0C, 0x00],
-        '/' => [0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00],
-        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
-        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
-        '[' => [0x0E, 0x08, 0x08, 0x08, 0x08, 0x08, 0x0E],
-        ']' => [0x0E, 0x02, 0x02, 0x02, 0x02, 0x02, 0x0E],
-        '\'' => [0x0C, 0x04, 0x08, 0x00, 0x00, 0x00, 0x00],
-        '#' => [0x0A, 0x0A, 0x1F, 0x0A, 0x1F, 0x0A, 0x0A],
-        '<' => [0x02, 0x04, 0x08, 0x10, 0x08, 0x04, 0x02],
-        '>' => [0x08, 0x04, 0x02, 0x01, 0x02, 0x04, 0x08],
-        _ => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x00, 0x04],
-    }
+    bar.draw(&Rectangle::new([(0, 0), (w - 1, h - 1)], LEGEND_BORDER))?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::RgbImage;
     use std::path::PathBuf;
 
     /// A fresh directory under the system temp dir, unique to this process and test.
@@ -1020,10 +797,6 @@ mod tests {
         image::open(path).expect("decode png").to_rgb8()
     }
 
-    fn has_colour(img: &RgbImage, c: Rgb<u8>) -> bool {
-        img.pixels().any(|p| *p == c)
-    }
-
     fn series(name: &str, values: &[f64]) -> Series {
         Series {
             name: name.into(),
@@ -1031,92 +804,74 @@ mod tests {
         }
     }
 
-    #[test]
-    fn text_lands_inside_its_box() {
-        let mut img = RgbImage::from_pixel(60, 40, BACKGROUND);
-        draw_text(&mut img, 10, 12, "8", 2, TEXT);
-        let mut inked = 0;
+    fn as_rgb(c: RGBColor) -> Rgb<u8> {
+        Rgb([c.0, c.1, c.2])
+    }
+
+    /// Pixels of exactly colour `c` inside the box `x0..x1` x `y0..y1`.
+    fn count_in(img: &RgbImage, c: Rgb<u8>, (x0, y0, x1, y1): (u32, u32, u32, u32)) -> usize {
+        img.enumerate_pixels()
+            .filter(|(x, y, p)| (x0..x1).contains(x) && (y0..y1).contains(y) && **p == c)
+            .count()
+    }
+
+    fn count(img: &RgbImage, c: Rgb<u8>) -> usize {
+        count_in(img, c, (0, 0, img.width(), img.height()))
+    }
+
+    /// The bounding box (x0, y0, x1, y1), exclusive ends, of the pixels of colour `c` left of
+    /// a confusion matrix's colour scale.
+    fn grid_bbox(img: &RgbImage, c: Rgb<u8>) -> (u32, u32, u32, u32) {
+        let mut b = (u32::MAX, u32::MAX, 0, 0);
         for (x, y, p) in img.enumerate_pixels() {
-            if *p != BACKGROUND {
-                inked += 1;
-                assert!(
-                    (10..20).contains(&x) && (12..26).contains(&y),
-                    "ink at {x},{y}"
-                );
+            if *p == c && x < img.width() - SCALE_WIDTH {
+                b = (b.0.min(x), b.1.min(y), b.2.max(x + 1), b.3.max(y + 1));
             }
         }
-        // Every set bit of the glyph is a 2x2 block.
-        let bits: u32 = glyph('8').iter().map(|r| r.count_ones()).sum();
-        assert_eq!(inked, bits * 4);
-        // The top bar of '8' is glyph columns 1..=3 of row 0: pixels x 12..18, y 12..14.
-        assert_eq!(*img.get_pixel(12, 12), TEXT);
-        assert_eq!(*img.get_pixel(10, 12), BACKGROUND);
-        assert_eq!(text_width("8", 2), 10);
-        assert_eq!(text_width("88", 2), 22);
-        assert_eq!(text_width("", 2), 0);
+        assert!(b.0 < b.2, "no pixel of {c:?}");
+        b
+    }
+
+    /// The columns holding at least one pixel of colour `c`.
+    fn columns_with(img: &RgbImage, c: Rgb<u8>) -> Vec<u32> {
+        (0..img.width())
+            .filter(|&x| (0..img.height()).any(|y| *img.get_pixel(x, y) == c))
+            .collect()
+    }
+
+    fn decaying(n: usize, scale: f64, tau: f64, floor: f64) -> Vec<f64> {
+        (0..n)
+            .map(|e| scale * (-(e as f64) / tau).exp() + floor)
+            .collect()
     }
 
     #[test]
-    fn font_covers_the_needed_characters() {
-        let unknown = glyph('\u{1}');
-        for c in "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ.-%:/() ".chars() {
-            if c != ' ' {
-                assert_ne!(glyph(c), unknown, "{c:?} has no glyph");
-                assert_ne!(glyph(c), [0; 7], "{c:?} is blank");
-            }
-        }
-        assert_eq!(glyph('q'), glyph('Q'));
-        // Every glyph fits in five columns.
-        for c in (' '..='~').chain(['\u{e9}']) {
-            assert!(glyph(c).iter().all(|&r| r < 32), "{c:?}");
-        }
-    }
-
-    #[test]
-    fn rotated_text_lands_inside_its_box() {
-        let mut img = RgbImage::from_pixel(40, 60, BACKGROUND);
-        draw_text_up(&mut img, 5, 8, "AB", 2, TEXT);
-        let (w, h) = (text_height(2), text_width("AB", 2));
-        let mut inked = 0;
-        for (x, y, p) in img.enumerate_pixels() {
-            if *p != BACKGROUND {
-                inked += 1;
-                assert!(x >= 5 && x < 5 + w && y >= 8 && y < 8 + h, "ink at {x},{y}");
-            }
-        }
-        let bits: u32 = glyph('A')
-            .iter()
-            .chain(&glyph('B'))
-            .map(|r| r.count_ones())
-            .sum();
-        assert_eq!(inked, bits * 4);
-        // Read bottom to top, 'A' comes first: its left column (all set but the top row)
-        // is the bottom line of the box.
-        assert_eq!(*img.get_pixel(5 + 2, 8 + h - 1), TEXT);
-    }
-
-    #[test]
-    fn line_chart_draws_each_series_in_its_colour() {
+    fn line_chart_draws_each_series_and_its_legend_in_its_colour() {
         let dir = temp_dir("two-series");
         let path = dir.join("loss.png");
-        let train: Vec<f64> = (0..30)
-            .map(|e| 1.2 * (-(e as f64) / 8.0).exp() + 0.05)
-            .collect();
-        let val: Vec<f64> = (0..30)
-            .map(|e| 1.1 * (-(e as f64) / 10.0).exp() + 0.2)
-            .collect();
-        line_chart(
-            &path,
-            "Loss",
-            "Epoch",
-            &[series("train", &train), series("val", &val)],
-        )
-        .expect("line chart");
+        let train = decaying(30, 1.2, 8.0, 0.05);
+        let val = decaying(30, 1.1, 10.0, 0.2);
+        let all = [series("train", &train), series("validation", &val)];
+        line_chart(&path, "head loss", "epoch", "loss", &all).expect("line chart");
         let img = decode(&path);
-        assert_eq!(img.dimensions(), (LINE_CHART_WIDTH, LINE_CHART_HEIGHT));
-        assert!(has_colour(&img, series_colour(0)));
-        assert!(has_colour(&img, series_colour(1)));
-        assert!(!has_colour(&img, series_colour(2)));
+        let (w, h) = (LINE_CHART_WIDTH, LINE_CHART_HEIGHT);
+        assert_eq!(img.dimensions(), (w, h));
+        // Both curves are drawn, long, in their own colours; no third colour.
+        for i in 0..2 {
+            assert!(count(&img, series_colour(i)) > 1000, "series {i}");
+            let cols = columns_with(&img, series_colour(i));
+            assert!(cols.len() > w as usize / 2, "series {i} spans the plot");
+        }
+        assert_eq!(count(&img, series_colour(2)), 0);
+        // Both start high on the left (the first fifth of the image, its upper half) ...
+        for i in 0..2 {
+            assert!(count_in(&img, series_colour(i), (0, 0, w / 5, h / 2)) > 20);
+        }
+        // ... and the legend goes top right, where decaying curves leave room: both samples.
+        for i in 0..2 {
+            let legend = count_in(&img, series_colour(i), (w - 260, 30, w, 140));
+            assert!(legend >= 40, "legend sample of series {i}: {legend} pixels");
+        }
         // Nothing but the file is left behind.
         let entries: Vec<_> = std::fs::read_dir(&dir).expect("read dir").collect();
         assert_eq!(entries.len(), 1);
@@ -1124,8 +879,80 @@ mod tests {
     }
 
     #[test]
+    fn legend_goes_where_the_data_is_not() {
+        let flat = |v: f64| vec![series("a", &[v; 20])];
+        // A line along the top leaves the bottom free; one along the bottom, the top.
+        assert_eq!(
+            legend_corner(&flat(1.0), (0.5, 20.5), (0.0, 1.05)),
+            SeriesLabelPosition::LowerRight
+        );
+        assert_eq!(
+            legend_corner(&flat(0.0), (0.5, 20.5), (-0.05, 1.0)),
+            SeriesLabelPosition::UpperRight
+        );
+        // Rising from bottom left to top right: the top left is free.
+        let rising: Vec<f64> = (0..20).map(|e| e as f64 / 19.0).collect();
+        assert_eq!(
+            legend_corner(&[series("a", &rising)], (0.5, 20.5), (-0.05, 1.05)),
+            SeriesLabelPosition::UpperLeft
+        );
+        // Lines along the top and the bottom leave only the middle free.
+        let both = [series("a", &[1.0; 20]), series("b", &[0.0; 20])];
+        assert_eq!(
+            legend_corner(&both, (0.5, 20.5), (-0.05, 1.05)),
+            SeriesLabelPosition::MiddleRight
+        );
+    }
+
+    #[test]
+    fn nan_breaks_the_line() {
+        let dir = temp_dir("nan-gap");
+        let columns = |values: &[f64]| {
+            let path = dir.join("gap.png");
+            line_chart(&path, "gap", "epoch", "loss", &[series("s", values)]).expect("chart");
+            columns_with(&decode(&path), series_colour(0))
+        };
+        // 40 epochs: no markers, so only the lines colour the columns.
+        let mut values = vec![1.0; 40];
+        let whole = columns(&values);
+        let widest_gap = |cols: &[u32]| cols.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        assert!(widest_gap(&whole) <= 1, "an unbroken line has no gap");
+        values[20] = f64::NAN;
+        values[21] = f64::INFINITY;
+        let broken = columns(&values);
+        // Two of 39 epoch steps missing on each side of the hole: ~3/39 of ~800 px.
+        assert!(widest_gap(&broken) > 40, "gap {}", widest_gap(&broken));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_chart_without_data_says_so() {
+        let dir = temp_dir("no-data");
+        let dark_in_centre = |s: &[Series]| {
+            let path = dir.join("c.png");
+            line_chart(&path, "t", "epoch", "loss", s).expect("chart");
+            let img = decode(&path);
+            let (cx, cy) = (img.width() / 2, img.height() / 2);
+            img.enumerate_pixels()
+                .filter(|(x, y, p)| {
+                    x.abs_diff(cx) < 120 && y.abs_diff(cy) < 40 && p.0.iter().all(|&v| v < 140)
+                })
+                .count()
+        };
+        assert!(dark_in_centre(&[series("nan", &[f64::NAN; 4])]) > 30);
+        assert!(dark_in_centre(&[]) > 30);
+        // A chart with data has no such text there (its line runs along the bottom).
+        assert_eq!(dark_in_centre(&[series("low", &[0.0, 0.0, 1.0])]), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn line_chart_edge_cases_do_not_panic() {
         let dir = temp_dir("edge-cases");
+        let many: Vec<Series> = (0..12)
+            .map(|i| series(&format!("s{i}"), &[i as f64, 1.0]))
+            .collect();
+        let long_run = decaying(1000, 1.0, 200.0, 0.1);
         let cases: Vec<(&str, Vec<Series>)> = vec![
             ("none", vec![]),
             ("empty", vec![series("empty", &[])]),
@@ -1140,24 +967,35 @@ mod tests {
                 )],
             ),
             ("all-nan", vec![series("nan", &[f64::NAN; 4])]),
-            ("huge", vec![series("huge", &[-f64::MAX, f64::MAX])]),
+            ("huge", vec![series("huge", &[-f64::MAX, f64::MAX, 1.0])]),
+            ("near-max", vec![series("near", &[-1e300, 1e300])]),
+            ("tiny-span", vec![series("tiny", &[1.0, 1.0 + 1e-15, 1.0])]),
+            ("subnormal", vec![series("sub", &[0.0, 1e-310, 5e-324])]),
             (
                 "no-name",
                 vec![series("", &[1.0, 2.0]), series("  ", &[2.0, 1.0])],
             ),
+            (
+                "long-name",
+                vec![series(&"a very long series name ".repeat(10), &[1.0, 2.0])],
+            ),
+            ("unicode", vec![series("validação ✓ 検証", &[1.0, 2.0])]),
+            ("many", many),
+            ("long-run", vec![series("long", &long_run)]),
         ];
         for (name, s) in cases {
             let path = dir.join(format!("{name}.png"));
-            line_chart(&path, name, "epoch", &s).expect(name);
+            line_chart(&path, name, "epoch", "value", &s).expect(name);
             let img = decode(&path);
             assert_eq!(
                 img.dimensions(),
                 (LINE_CHART_WIDTH, LINE_CHART_HEIGHT),
                 "{name}"
             );
-            if ["one-point", "all-equal", "nan", "no-name"].contains(&name) {
-                assert!(has_colour(&img, series_colour(0)), "{name}");
-            }
+            // The legend sample alone is a 24 x 3 line; drawn data add to it.
+            let drawn = !["none", "empty", "all-nan"].contains(&name);
+            let pixels = count(&img, series_colour(0));
+            assert_eq!(pixels > 100, drawn, "{name}: {pixels} pixels");
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1169,7 +1007,11 @@ mod tests {
         std::fs::write(&blocker, b"x").expect("write");
         // The parent of the target is a file, so the directory cannot be created.
         let path = blocker.join("chart.png");
-        match line_chart(&path, "t", "x", &[]) {
+        match line_chart(&path, "t", "x", "y", &[]) {
+            Err(Error::Io { path: p, .. }) => assert!(p.starts_with(&blocker)),
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
+        match confusion_matrix_png(&path, "t", &[], &[vec![1]]) {
             Err(Error::Io { path: p, .. }) => assert!(p.starts_with(&blocker)),
             other => panic!("expected an I/O error, got {other:?}"),
         }
@@ -1177,78 +1019,187 @@ mod tests {
     }
 
     #[test]
-    fn ticks_are_round_and_inside_the_range() {
-        let t = nice_ticks(-0.05, 1.05, 6);
-        assert_eq!(t.decimals, 1);
-        let labels: Vec<String> = t.values.iter().map(|&v| t.label(v)).collect();
-        assert_eq!(labels, ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]);
-        let t = nice_ticks(0.213, 0.287, 6);
-        assert_eq!(t.decimals, 2);
-        assert!(t.values.iter().all(|&v| (0.213..=0.287).contains(&v)));
-        assert_eq!(nice_ticks(1.0, 1.0, 6).values, Vec::<f64>::new());
-        assert_eq!(nice_ticks(f64::NAN, 1.0, 6).values, Vec::<f64>::new());
-        assert_eq!(epoch_ticks(3), vec![1, 2, 3]);
-        assert_eq!(epoch_ticks(30), vec![5, 10, 15, 20, 25, 30]);
+    fn ticks_are_labelled_with_the_decimals_they_need() {
+        let labels = |ticks: &[f64]| -> Vec<String> {
+            let f = TickFormat::new(ticks);
+            ticks.iter().map(|&v| f.label(v)).collect()
+        };
+        assert_eq!(
+            labels(&[0.0, 0.2, 0.4, 0.6, 0.8, 1.0]),
+            ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
+        );
+        assert_eq!(labels(&[0.2, 0.25, 0.3]), ["0.20", "0.25", "0.30"]);
+        assert_eq!(labels(&[-10.0, 0.0, 10.0]), ["-10", "0", "10"]);
+        // Zero up to rounding is "0.0", never "-0.0".
+        assert_eq!(labels(&[-1e-17, 0.1]), ["0.0", "0.1"]);
+        assert_eq!(labels(&[0.0, 5e299, 1e300]), ["0", "5.0e299", "1.0e300"]);
+        assert_eq!(labels(&[1e-6, 2e-6]), ["1.0e-6", "2.0e-6"]);
+        assert_eq!(labels(&[0.5]), ["0.50"]);
+        // plotters' ticks over the ranges a chart uses.
+        let ticks = RangedCoordf64::from(-0.05..1.05).key_points(Y_TICKS);
+        assert_eq!(labels(&ticks), ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]);
+    }
+
+    #[test]
+    fn value_ranges_hold_the_data_with_a_finite_span() {
         assert_eq!(value_range([f64::NAN].into_iter()), None);
+        assert_eq!(value_range([f64::INFINITY, 2e300].into_iter()), None);
         assert_eq!(value_range([0.0, 0.0].into_iter()), Some((-1.0, 1.0)));
+        assert_eq!(value_range([2.0].into_iter()), Some((1.8, 2.2)));
+        let (lo, hi) = value_range([0.0, 1.0, f64::NAN].into_iter()).expect("range");
+        assert!((lo + 0.08).abs() < 1e-12 && (hi - 1.08).abs() < 1e-12);
+        for values in [
+            vec![-1e300, 1e300],
+            vec![1.0, 1.0 + 1e-15],
+            vec![0.0, 5e-324],
+            vec![1e-250, 2e-250],
+        ] {
+            let (lo, hi) = value_range(values.iter().copied()).expect("range");
+            let span = hi - lo;
+            assert!(span.is_finite() && span > 0.0, "{values:?}");
+            assert!(values.iter().all(|v| (lo..=hi).contains(v)), "{values:?}");
+            // plotters finds ticks for it (and returns).
+            assert!(!RangedCoordf64::from(lo..hi).key_points(Y_TICKS).is_empty());
+        }
     }
 
     #[test]
     fn confusion_matrix_shades_cells_by_count() {
         let dir = temp_dir("confusion");
         let path = dir.join("cm.png");
-        let classes = vec!["not emergency".to_string(), "emergency".to_string()];
+        let classes = vec!["ambulance".to_string(), "car".to_string()];
         let matrix = vec![vec![50, 3], vec![0, 40]];
-        confusion_matrix_png(&path, "Validation", &classes, &matrix).expect("confusion matrix");
+        confusion_matrix_png(&path, "head validation", &classes, &matrix).expect("matrix");
         let img = decode(&path);
-        let lay = matrix_layout("Validation", &classes, 50);
-        assert_eq!(img.dimensions(), (lay.width, lay.height));
-        // Near a cell's corner (clear of the centred count) is the cell's colour.
-        let corner = |t: i64, p: i64| {
-            let x = lay.grid_x + p * lay.cell + lay.gap + 2;
-            let y = lay.grid_y + t * lay.cell + lay.gap + 2;
-            *img.get_pixel(x as u32, y as u32)
+        assert_eq!(img.dimensions(), confusion_matrix_size(2));
+        assert_eq!(
+            img.dimensions(),
+            (CONFUSION_MATRIX_WIDTH, CONFUSION_MATRIX_HEIGHT)
+        );
+        // Each cell is a large solid patch of its shade: true 0 / predicted 0 top left, true
+        // 1 / predicted 1 bottom right, 3 top right, 0 bottom left.
+        let shade = |c: usize| as_rgb(heat_colour(c as f64 / 50.0));
+        for c in [50, 40, 3, 0] {
+            assert!(count(&img, shade(c)) > 20_000, "cell {c}");
+        }
+        let cell = |c: usize| {
+            let (x0, y0, x1, y1) = grid_bbox(&img, shade(c));
+            ((x0 + x1) / 2, (y0 + y1) / 2)
         };
-        assert_eq!(corner(0, 0), heat_colour(1.0));
-        assert_eq!(corner(1, 1), heat_colour(40.0 / 50.0));
-        assert_eq!(corner(0, 1), heat_colour(3.0 / 50.0));
-        assert_eq!(corner(1, 0), heat_colour(0.0));
+        let (tl, br, tr, bl) = (cell(50), cell(40), cell(3), cell(0));
+        assert!(tl.0 < tr.0 && tl.1 < bl.1, "{tl:?} {tr:?} {bl:?}");
+        assert!(br.0 > bl.0 && br.1 > tr.1, "{br:?} {tr:?} {bl:?}");
         // The count of the dark cell is written in white, the pale one's in dark ink.
-        let cell_has = |t: i64, p: i64, c: Rgb<u8>| {
-            // Inside the cell's fill, clear of the white gaps around it.
-            let x0 = lay.grid_x + p * lay.cell + lay.gap;
-            let y0 = lay.grid_y + t * lay.cell + lay.gap;
-            let side = lay.cell - 2 * lay.gap;
-            (y0..y0 + side)
-                .any(|y| (x0..x0 + side).any(|x| *img.get_pixel(x as u32, y as u32) == c))
+        let near = |(cx, cy): (u32, u32), pred: &dyn Fn(&Rgb<u8>) -> bool| {
+            img.enumerate_pixels()
+                .filter(|(x, y, p)| x.abs_diff(cx) < 30 && y.abs_diff(cy) < 20 && pred(p))
+                .count()
         };
-        assert!(cell_has(0, 0, BACKGROUND));
-        assert!(cell_has(1, 0, TEXT));
+        assert!(near(tl, &|p| p.0.iter().all(|&v| v > 230)) > 10);
+        assert!(near(bl, &|p| p.0.iter().all(|&v| v < 100)) > 10);
+        // The colour scale right of the grid runs through the whole ramp, end to end.
+        let strip = (img.width() - SCALE_WIDTH, 0, img.width(), img.height());
+        let mut shades = std::collections::HashSet::new();
+        for (x, y, p) in img.enumerate_pixels() {
+            if x >= strip.0 && (0..=100).any(|k| as_rgb(heat_colour(f64::from(k) / 100.0)) == *p) {
+                shades.insert((y, *p));
+            }
+        }
+        let distinct: std::collections::HashSet<_> = shades.iter().map(|(_, p)| *p).collect();
+        assert!(distinct.len() > 60, "{} ramp shades", distinct.len());
+        let ends = |t: f64| distinct.contains(&as_rgb(heat_colour(t)));
+        assert!(
+            ends(0.01) && ends(0.99),
+            "the scale reaches both ends of the ramp"
+        );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn confusion_matrix_size_is_fixed_then_grows() {
+        let fixed = (CONFUSION_MATRIX_WIDTH, CONFUSION_MATRIX_HEIGHT);
+        for n in [0, 1, 2, 10, CONFUSION_MATRIX_FIXED_CLASSES] {
+            assert_eq!(confusion_matrix_size(n), fixed, "{n}");
+        }
+        let (w, h) = confusion_matrix_size(CONFUSION_MATRIX_FIXED_CLASSES + 10);
+        assert_eq!((w, h), (fixed.0 + 10 * MIN_CELL, fixed.1 + 10 * MIN_CELL));
+        let (w, h) = confusion_matrix_size(CONFUSION_MATRIX_MAX_CLASSES);
+        assert!(w < 5000 && h < 5000);
+        assert_eq!(
+            confusion_matrix_size(CONFUSION_MATRIX_MAX_CLASSES + 1),
+            fixed
+        );
+        assert_eq!(confusion_matrix_size(usize::MAX), fixed);
     }
 
     #[test]
     fn confusion_matrix_edge_cases_do_not_panic() {
         let dir = temp_dir("confusion-edges");
-        let many: Vec<String> = (0..40).map(|i| format!("class number {i}")).collect();
-        let big: Vec<Vec<usize>> = (0..40)
-            .map(|t| (0..40).map(|p| t * p * 97).collect())
-            .collect();
+        let named = |n: usize, f: &dyn Fn(usize) -> String| (0..n).map(f).collect::<Vec<_>>();
+        let square = |n: usize, f: &dyn Fn(usize, usize) -> usize| {
+            (0..n)
+                .map(|t| (0..n).map(|p| f(t, p)).collect())
+                .collect::<Vec<Vec<usize>>>()
+        };
         type Case = (&'static str, Vec<String>, Vec<Vec<usize>>);
         let cases: Vec<Case> = vec![
             ("empty", vec![], vec![]),
-            (
-                "zeros",
-                vec!["a".into(), "b".into()],
-                vec![vec![0, 0], vec![0, 0]],
-            ),
+            ("names-only", vec!["a".into(), "b".into()], vec![]),
+            ("zeros", vec!["a".into(), "b".into()], square(2, &|_, _| 0)),
+            ("one", vec!["only".into()], vec![vec![7]]),
             ("ragged", vec!["a".into()], vec![vec![1, 2, 3], vec![4]]),
-            ("many", many, big),
+            (
+                "blank-and-long-names",
+                vec!["".into(), "  ".into(), "x".repeat(200), "名前 ✓".into()],
+                square(4, &|t, p| t + p),
+            ),
+            ("huge-count", vec![], vec![vec![usize::MAX, 1], vec![0, 2]]),
+            (
+                "forty",
+                named(40, &|i| format!("class number {i}")),
+                square(40, &|t, p| t * p * 97),
+            ),
+            (
+                "sixty",
+                named(60, &|i| format!("c{i}")),
+                square(60, &|t, p| t ^ p),
+            ),
+            (
+                "most",
+                vec![],
+                square(CONFUSION_MATRIX_MAX_CLASSES, &|t, p| usize::from(t == p)),
+            ),
+            (
+                "too-many",
+                vec![],
+                square(CONFUSION_MATRIX_MAX_CLASSES + 1, &|_, _| 1),
+            ),
         ];
         for (name, classes, matrix) in cases {
             let path = dir.join(format!("{name}.png"));
             confusion_matrix_png(&path, name, &classes, &matrix).expect(name);
-            let _ = decode(&path);
+            let n = classes
+                .len()
+                .max(matrix.len())
+                .max(matrix.iter().map(Vec::len).max().unwrap_or(0));
+            let img = decode(&path);
+            assert_eq!(img.dimensions(), confusion_matrix_size(n), "{name}");
+            // A drawn grid has the zero shade where a cell is 0, and the darkest one for the
+            // largest count.
+            if (1..=CONFUSION_MATRIX_MAX_CLASSES).contains(&n) {
+                let cell = |t: usize, p: usize| matrix.get(t).and_then(|r| r.get(p)).copied();
+                let cells: Vec<usize> = (0..n)
+                    .flat_map(|t| (0..n).map(move |p| (t, p)))
+                    .map(|(t, p)| cell(t, p).unwrap_or(0))
+                    .collect();
+                let has_zero = cells.contains(&0);
+                let grid = (0, 0, img.width() - SCALE_WIDTH, img.height());
+                let pale = count_in(&img, as_rgb(heat_colour(0.0)), grid);
+                assert_eq!(pale > 0, has_zero, "{name}: zero shade");
+                if cells.iter().any(|&c| c > 0) {
+                    assert!(count(&img, as_rgb(heat_colour(1.0))) > 0, "{name}: darkest");
+                }
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

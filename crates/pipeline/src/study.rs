@@ -530,6 +530,7 @@ fn write_plots(run: &RunDir, m: &RunMetrics) -> Result<()> {
         &run.file("loss.png"),
         &format!("{} loss", m.name),
         "epoch",
+        "loss",
         &[
             series("train", |r| r.train_loss),
             series("validation", |r| r.val_loss),
@@ -539,6 +540,7 @@ fn write_plots(run: &RunDir, m: &RunMetrics) -> Result<()> {
         &run.file("accuracy.png"),
         &format!("{} accuracy", m.name),
         "epoch",
+        "accuracy",
         &[
             series("train", |r| r.train_accuracy),
             series("validation", |r| r.val_accuracy),
