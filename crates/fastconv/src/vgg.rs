@@ -193,11 +193,36 @@ impl Vgg16Cpu {
         512 * h * w
     }
 
-    fn final_hw(mut h: usize, mut w: usize) -> (usize, usize) {
-        for pool in VGG16_POOL_AFTER {
+    fn final_hw(h: usize, w: usize) -> (usize, usize) {
+        Self::hw_after(VGG16_POOL_AFTER.len(), h, w)
+    }
+
+    /// Spatial size after the first `convs` layers (and their pools).
+    fn hw_after(convs: usize, mut h: usize, mut w: usize) -> (usize, usize) {
+        for &pool in &VGG16_POOL_AFTER[..convs] {
             (h, w) = output_hw(h, w, pool);
         }
         (h, w)
+    }
+
+    /// The network cut after its first `convs` convolutions (each with its pool, if any): 10
+    /// gives block 4's pooled output (`[512, s/16, s/16]`), which a fine-tuned block 5 reads.
+    pub fn truncated(mut self, convs: usize) -> Result<Self> {
+        if convs == 0 || convs > self.layers.len() {
+            return Err(Error::Shape(format!(
+                "cannot keep {convs} of VGG16's {} convolutions",
+                self.layers.len()
+            )));
+        }
+        self.layers.truncate(convs);
+        Ok(self)
+    }
+
+    /// Length of one image's output for a square input of side `size`: 25088 at 224 for the
+    /// whole network, 100352 when cut after block 4.
+    pub fn output_dim(&self, size: usize) -> usize {
+        let (h, w) = Self::hw_after(self.layers.len(), size, size);
+        self.layers.last().map_or(3, |l| l.cout()) * h * w
     }
 
     /// Pool5 features of a batch of square images.
@@ -246,13 +271,14 @@ impl Vgg16Cpu {
             batch * 3 * size * size,
             input.len(),
         )?;
-        let (fh, fw) = Self::final_hw(size, size);
+        let (fh, fw) = Self::hw_after(self.layers.len(), size, size);
         if fh == 0 || fw == 0 {
             return Err(Error::Shape(format!(
-                "input side {size} is below VGG16's minimum of 32"
+                "input side {size} is too small for {} VGG16 layers",
+                self.layers.len()
             )));
         }
-        let dim = 512 * fh * fw;
+        let dim = self.output_dim(size);
         let mut output = vec![0.0f32; batch * dim];
         let image_len = 3 * size * size;
         let threads = rayon::current_num_threads();

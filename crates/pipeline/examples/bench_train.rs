@@ -58,7 +58,13 @@ fn cnn(args: &[String]) -> Res<()> {
         weight_decay: 0.0,
         ..Default::default()
     };
-    let mut opt = AdamW::new(model.params().trainable()?, params)?;
+    let vars = model
+        .params()
+        .trainable()?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let mut opt = AdamW::new(vars, params)?;
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = Rng::new(3);
     let (mut fwd, mut bwd, mut upd, mut steps) = (0.0, 0.0, 0.0, 0usize);

@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod extract;
+pub mod finetune;
 pub mod head;
 pub mod logistic;
 pub mod metrics;

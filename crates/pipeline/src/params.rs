@@ -97,14 +97,14 @@ impl Params {
         Ok(var)
     }
 
-    /// The tensors the optimiser updates (every registered tensor but the buffers), by name.
-    pub fn trainable(&self) -> Result<Vec<Var>> {
+    /// The tensors the optimiser updates (every registered tensor but the buffers), sorted by
+    /// name.
+    pub fn trainable(&self) -> Result<Vec<(String, Var)>> {
         let buffers = self.buffers.lock().map_err(|_| poisoned())?;
         Ok(self
             .sorted()?
             .into_iter()
             .filter(|(name, _)| !buffers.contains(name))
-            .map(|(_, v)| v)
             .collect())
     }
 
@@ -280,7 +280,13 @@ mod tests {
             .expect("v");
         assert!(values.iter().all(|v| v.abs() <= 0.5) && values.iter().any(|v| *v != 0.0));
         // The optimiser sees the parameters, not the buffer.
-        assert_eq!(p.trainable().expect("trainable").len(), 2);
+        let names: Vec<String> = p
+            .trainable()
+            .expect("trainable")
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["fc.bias", "fc.weight"]);
         assert_eq!(p.sorted().expect("sorted").len(), 3);
 
         let path = dir.join("p.safetensors");

@@ -52,6 +52,10 @@ pub trait Model {
     /// Logits `[x.len(), classes]`. `train`: training mode (dropout on, batch-norm on the
     /// batch's statistics, updating its running statistics); otherwise deterministic.
     fn forward_t(&self, x: &Rows, train: bool) -> Result<Tensor>;
+    /// The learning rate of parameter `name` relative to the schedule's. Default: 1.
+    fn lr_scale(&self, _name: &str) -> f64 {
+        1.0
+    }
 }
 
 /// Inputs and their class indices: what the loop trains on.
@@ -184,14 +188,28 @@ pub fn fit(
     }
     data.check(train_rows, classes)?;
     data.check(val_rows, classes)?;
-    let params = ParamsAdamW {
-        lr: settings.lr,
-        // candle's AdamW decays by default (0.01); the study's optimiser is plain Adam, so the
-        // decay is only what `weight_decay` asks for.
-        weight_decay: settings.weight_decay,
-        ..Default::default()
-    };
-    let mut opt = AdamW::new(model.params().trainable()?, params)?;
+    // One Adam per learning-rate scale (parameter group), stepped on the same gradients.
+    let mut groups: Vec<(f64, Vec<candle_core::Var>)> = Vec::new();
+    for (name, var) in model.params().trainable()? {
+        let scale = model.lr_scale(&name);
+        match groups.iter_mut().find(|(s, _)| *s == scale) {
+            Some((_, vars)) => vars.push(var),
+            None => groups.push((scale, vec![var])),
+        }
+    }
+    let mut optimisers = groups
+        .into_iter()
+        .map(|(scale, vars)| {
+            let params = ParamsAdamW {
+                lr: settings.lr * scale,
+                // candle's AdamW decays by default (0.01); the study's optimiser is plain
+                // Adam, so the decay is only what `weight_decay` asks for.
+                weight_decay: settings.weight_decay,
+                ..Default::default()
+            };
+            Ok((scale, AdamW::new(vars, params)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut shuffler = Rng::new(opts.seed).fork(SHUFFLE_STREAM);
     let mut order = train_rows.to_vec();
     let mut history = History {
@@ -205,7 +223,9 @@ pub fn fit(
     for epoch in 0..settings.epochs {
         let start = Instant::now();
         let lr = learning_rate(settings, epoch);
-        opt.set_learning_rate(lr);
+        for (scale, opt) in &mut optimisers {
+            opt.set_learning_rate(lr * *scale);
+        }
         shuffler.shuffle(&mut order);
         let (mut loss_sum, mut correct) = (0.0f64, 0usize);
         for (step, batch) in order.chunks(settings.batch_size).enumerate() {
@@ -221,7 +241,10 @@ pub fn fit(
                     lr,
                 });
             }
-            opt.backward_step(&loss)?;
+            let grads = loss.backward()?;
+            for (_, opt) in &mut optimisers {
+                opt.step(&grads)?;
+            }
             loss_sum += value * batch.len() as f64;
             correct += count_correct(&logits, data, batch)?;
         }
