@@ -186,6 +186,23 @@ mod tests {
     }
 
     #[test]
+    fn content_digest_matches_sha256sum_sort_sha256sum() {
+        let dir = testkit::temp_dir("content-digest");
+        std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
+        std::fs::write(dir.join("a.txt"), "hello\n").expect("write");
+        std::fs::write(dir.join("sub/b.bin"), "world").expect("write");
+        std::fs::write(dir.join("sub/c d.csv"), "x").expect("write");
+        // `find . -type f -printf '%P\0' | xargs -0 sha256sum | LC_ALL=C sort | sha256sum`
+        // in that folder printed this.
+        let (digest, files) = content_digest(&dir).expect("digest");
+        assert_eq!(
+            digest,
+            "9804fa8ef208766d9987dea590489dd80270cea2d65c094b786ef98e55aacd1e"
+        );
+        assert_eq!(files, 3);
+    }
+
+    #[test]
     fn one_top_folder_is_stripped() {
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let gh = names(&["repo-abc/", "repo-abc/E/train.csv", "repo-abc/E/t/1.jpg"]);

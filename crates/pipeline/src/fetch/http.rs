@@ -52,17 +52,19 @@ pub fn download(url: &str, dest: &Path, expected_sha256: Option<&str>) -> Result
             Err(Stop::Retry(why)) => {
                 retry += 1;
                 if retry > RETRIES {
-                    return Err(Error::Download {
-                        url: url.into(),
-                        message: format!(
-                            "{why}; gave up after {RETRIES} retries (the {} bytes received so \
-                             far are kept in {}: run again to resume)",
-                            file_len(&part),
+                    let kept = match file_len(&part) {
+                        0 => String::new(),
+                        n => format!(
+                            " (the {n} bytes received are kept in {}: run again to resume)",
                             part.display()
                         ),
+                    };
+                    return Err(Error::Download {
+                        url: url.into(),
+                        message: format!("{why}; gave up after {RETRIES} retries{kept}"),
                     });
                 }
-                eprintln!("fetch: {url}: {why}; resuming (retry {retry} of {RETRIES})");
+                eprintln!("fetch: {url}: {why}; retrying ({retry} of {RETRIES})");
                 std::thread::sleep(RETRY_WAIT * retry);
             }
         }
@@ -121,7 +123,12 @@ fn attempt(agent: &ureq::Agent, url: &str, part: &Path) -> std::result::Result<(
                 fatal(status)
             });
         }
-        Err(ureq::Error::Transport(t)) => return Err(Stop::Retry(t.to_string())),
+        // The transport error's text starts with the URL, which the caller's messages name.
+        Err(ureq::Error::Transport(t)) => {
+            let text = t.to_string();
+            let text = text.strip_prefix(&format!("{url}: ")).unwrap_or(&text);
+            return Err(Stop::Retry(text.to_string()));
+        }
     };
     let (offset, total) = match (response.status(), content_range(&response)) {
         (206, Some((start, total))) => (start, total),
@@ -170,12 +177,12 @@ fn copy_body(
     part: &Path,
 ) -> std::result::Result<u64, Stop> {
     let name = url.rsplit('/').next().unwrap_or(url);
-    let total_mib = total.map_or(0, |t| t.div_ceil(MIB));
-    let mut progress = Progress::new(&format!("download {name}"), "MiB", total_mib);
+    // The bar counts this transfer's bytes, so its rate is true after a resume.
+    let todo_mib = total.map_or(0, |t| t.saturating_sub(offset).div_ceil(MIB));
+    let mut progress = Progress::new(&format!("download {name}"), "MiB", todo_mib);
     // At most ~20 log lines when not on a terminal.
-    let step = (total_mib / 20).max(1);
-    let mut reported = offset / MIB;
-    progress.inc(reported);
+    let step = todo_mib.div_ceil(20).max(1);
+    let mut reported = 0;
     let mut received = offset;
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -193,14 +200,14 @@ fn copy_body(
         };
         file.write_all(&buf[..n]).map_err(|e| io_stop(part, e))?;
         received += n as u64;
-        let mib = received / MIB;
+        let mib = (received - offset) / MIB;
         if mib >= reported + step {
             progress.inc(mib - reported);
             reported = mib;
         }
     }
-    if total_mib > reported {
-        progress.inc(total_mib - reported);
+    if todo_mib > reported {
+        progress.inc(todo_mib - reported);
     }
     progress.finish();
     Ok(received)

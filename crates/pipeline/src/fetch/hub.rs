@@ -7,12 +7,12 @@
 //! also its file name) and, for repositories in [`PINNED`], against the SHA-256 the study's
 //! weights are known by; a mismatch deletes the file. A panic inside hf-hub becomes an error.
 
-use std::io::IsTerminal;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use super::http::RETRIES;
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 
 /// The default hub.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -80,10 +80,10 @@ impl Hub {
         let download = || {
             let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
                 .with_endpoint(self.endpoint.clone())
-                .with_progress(std::io::stderr().is_terminal())
                 .with_retries(RETRIES as usize)
                 .build()?;
-            api.model(repo.to_string()).download(file)
+            api.model(repo.to_string())
+                .download_with_progress(file, HubProgress::default())
         };
         let path = match catch_unwind(AssertUnwindSafe(download)) {
             Ok(Ok(path)) => path,
@@ -139,6 +139,54 @@ impl Hub {
         }
         eprintln!("fetch: {name}: SHA-256 {found} verified");
         Ok(())
+    }
+}
+
+/// hf-hub's progress callbacks shown through [`Progress`]: a bar on a terminal, a log line
+/// every ~5% otherwise.
+#[derive(Default)]
+struct HubProgress {
+    bar: Option<Progress>,
+    bytes: u64,
+    total_mib: u64,
+    reported_mib: u64,
+    step_mib: u64,
+}
+
+impl hf_hub::api::Progress for HubProgress {
+    fn init(&mut self, size: usize, filename: &str) {
+        // Called again when a broken transfer is resumed; `update` then adds what was there.
+        let total_mib = (size as u64).div_ceil(1 << 20);
+        self.bar = Some(Progress::new(
+            &format!("download {filename}"),
+            "MiB",
+            total_mib,
+        ));
+        self.bytes = 0;
+        self.total_mib = total_mib;
+        self.reported_mib = 0;
+        self.step_mib = total_mib.div_ceil(20).max(1);
+    }
+
+    fn update(&mut self, size: usize) {
+        self.bytes += size as u64;
+        let mib = self.bytes >> 20;
+        if let Some(bar) = self.bar.as_mut() {
+            if mib >= self.reported_mib + self.step_mib {
+                bar.inc(mib - self.reported_mib);
+                self.reported_mib = mib;
+            }
+        }
+    }
+
+    /// Called when the transfer completed.
+    fn finish(&mut self) {
+        if let Some(mut bar) = self.bar.take() {
+            if self.total_mib > self.reported_mib {
+                bar.inc(self.total_mib - self.reported_mib);
+            }
+            bar.finish();
+        }
     }
 }
 

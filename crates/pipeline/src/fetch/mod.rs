@@ -242,9 +242,14 @@ pub fn ensure_source<'p>(
 /// (`…/<owner>/<repo>/archive/<ref>.zip`), else the archive's file name without extension.
 fn source_name(location: &str) -> String {
     let path = location.split(['?', '#']).next().unwrap_or(location);
+    // A URL's path, without scheme and host.
+    let path = match path.split_once("://") {
+        Some((_, rest)) => rest.split_once('/').map_or("", |(_, p)| p),
+        None => path,
+    };
     let parts: Vec<&str> = path.split(['/', '\\']).filter(|p| !p.is_empty()).collect();
     let name = match parts.as_slice() {
-        [.., repo, "archive", _] => repo.to_string(),
+        [.., _owner, repo, "archive", _] => repo.to_string(),
         [.., last] => {
             let lower = last.to_ascii_lowercase();
             let cut = [".tar.gz", ".tgz", ".zip"]
@@ -329,7 +334,8 @@ mod tests {
         assert_eq!(source_name(gh), "CNN-Image-Classification");
         assert_eq!(source_name("http://127.0.0.1:9/study.zip?x=1"), "study");
         assert_eq!(source_name("/data/My Set.tar.gz"), "My_Set");
-        assert_eq!(source_name("http://h/"), "h");
+        assert_eq!(source_name("http://127.0.0.1:9/archive/study.zip"), "study");
+        assert_eq!(source_name("http://h/"), "data");
         assert_eq!(source_name(".zip"), "data");
         assert_eq!(
             source(gh).dir(),
