@@ -574,22 +574,25 @@ impl Config {
             key: key.into(),
             message,
         };
+        let is_source = |p: Option<&PathBuf>| p.is_some_and(|p| fetch::is_source_path(p));
         let misplaced = [
-            ("extract.out", Some(&self.extract.out)),
-            ("output.runs", Some(&self.output.runs)),
-            ("predict.output", self.predict.output.as_ref()),
-            ("predict.run", self.predict.run.as_ref()),
-            ("data.cache", self.data.cache.as_ref()),
+            ("extract.out", is_source(Some(&self.extract.out))),
+            ("output.runs", is_source(Some(&self.output.runs))),
+            ("predict.output", is_source(self.predict.output.as_ref())),
+            ("predict.run", is_source(self.predict.run.as_ref())),
+            ("data.cache", is_source(self.data.cache.as_ref())),
+            (
+                "backbone.weights",
+                self.backbone.weights.starts_with(fetch::SOURCE_PREFIX),
+            ),
         ];
-        for (key, path) in misplaced {
-            if path.is_some_and(|p| fetch::is_source_path(p)) {
-                return Err(invalid(
-                    key,
-                    "`source:` paths are for files read from the fetched data (data.csv, \
-                     data.images, data.root, predict.input)"
-                        .into(),
-                ));
-            }
+        if let Some((key, _)) = misplaced.iter().find(|(_, bad)| *bad) {
+            return Err(invalid(
+                key,
+                "`source:` paths are for files read from the fetched data (data.csv, \
+                 data.images, data.root, predict.input)"
+                    .into(),
+            ));
         }
         let d = &mut self.data;
         if let Some(cache) = d.cache.as_mut() {
@@ -597,12 +600,11 @@ impl Config {
                 *cache = base.join(&*cache);
             }
         }
+        // A local archive (a path or a file:// URL) resolves like any other path.
         if let Some(location) = d.source.as_mut() {
             let local = location.strip_prefix("file://").unwrap_or(location);
-            if !local.contains("://") && Path::new(local).is_relative() {
+            if !local.contains("://") {
                 *location = base.join(local).to_string_lossy().into_owned();
-            } else if !location.contains("://") || location.starts_with("file://") {
-                *location = local.to_string();
             }
         }
         let uses_source = [&d.csv, &d.images, &d.root, &self.predict.input]
@@ -666,6 +668,8 @@ fn apply_env_layer(table: &mut toml::Table, config: &Path) -> Result<()> {
         return Ok(());
     };
     let layer = PathBuf::from(layer);
+    // Relative to the working directory, made absolute so the layer's own paths are too.
+    let layer = std::path::absolute(&layer).at(&layer)?;
     if apply_layer(table, config, &layer)? {
         eprintln!(
             "config: {} with layer {} ({LAYER_VAR})",
@@ -684,7 +688,7 @@ fn apply_env_layer(table: &mut toml::Table, config: &Path) -> Result<()> {
 
 /// Merges the layer file `layer` into `table` (read from the config file `config`): every key
 /// of the layer's sections replaces the file's. Relative paths in the layer resolve against the
-/// layer's folder. The layer's own `[layer] applies_to = "PATH"` limits it to that config file
+/// layer's folder (absolute when `layer` is). The layer's own `[layer] applies_to = "PATH"` limits it to that config file
 /// (so tests and other configs are left alone); without it the layer applies to any config.
 /// Returns whether it was applied. Errors name the layer file and the key.
 pub fn apply_layer(table: &mut toml::Table, config: &Path, layer: &Path) -> Result<bool> {
@@ -985,6 +989,7 @@ mod tests {
             ("data.source_digest=\"12\"", "data.source_digest"),
             ("data.source=ftp://h/a.zip", "data.source"),
             ("extract.out=source:x", "extract.out"),
+            ("backbone.weights=source:w.safetensors", "backbone.weights"),
         ] {
             let err = Config::load(&config, &[set.into()]).expect_err(set);
             assert!(err.to_string().contains(key), "{set}: {err}");

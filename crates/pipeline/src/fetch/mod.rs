@@ -132,7 +132,7 @@ impl Source {
                     self.location,
                     self.cache.display()
                 );
-                http::download(&self.location, &dest, None)?;
+                http::download(&self.location, &dest, None).map_err(offline_hint)?;
             }
             dest
         } else {
@@ -200,6 +200,21 @@ impl Source {
             },
             e => e,
         }
+    }
+}
+
+/// Adds what to do without internet to a failed download.
+fn offline_hint(e: Error) -> Error {
+    match e {
+        Error::Download { url, message } => Error::Download {
+            url,
+            message: format!(
+                "{message}. Without internet, point `data.csv` and `data.images` at a local copy \
+                 (a config layer: PIPELINE_CONFIG_LAYER=configs/shared.toml for ../shared), or \
+                 set `data.source` to a downloaded copy of the archive"
+            ),
+        },
+        e => e,
     }
 }
 
