@@ -9,6 +9,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Developer checkouts have the data and weights in ../shared: use them (configs/shared.toml)
+# rather than downloading. A fresh clone without ../shared downloads them on first use.
+if [ -z "${PIPELINE_CONFIG_LAYER+x}" ] && [ -d ../shared ]; then
+    export PIPELINE_CONFIG_LAYER="$PWD/configs/shared.toml"
+fi
+
 cargo build --release -p extract -p train-head -p train-cnn -p predict
 
 declare -a timings

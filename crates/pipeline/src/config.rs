@@ -5,12 +5,18 @@
 //! deserialised into [`Config`] with every unknown key reported by its full name. Relative
 //! paths are resolved against the directory holding the config file, whichever of the two
 //! they came from, so a run behaves the same from any working directory.
+//!
+//! Between the file and `--set` comes an optional *layer* ([`LAYER_VAR`], [`apply_layer`]): a
+//! second TOML file whose keys replace the file's, e.g. `configs/shared.toml`, which points the
+//! study's data and weights at local copies on machines without internet. Paths written
+//! `source:PATH` name files inside the fetched `[data] source` archive (see `fetch`).
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
+use crate::fetch;
 
 /// The whole configuration. Every section and key has a default.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -52,6 +58,15 @@ pub struct DataConfig {
     /// Largest image decoded, in pixels (width x height, from the file's header); a bigger one
     /// is a bad image. Default: 64 megapixels.
     pub max_image_pixels: u64,
+    /// An archive (`https://...zip` or a local `.zip`) fetched on first use; paths written
+    /// `source:PATH` point inside its top folder. Default: none.
+    pub source: Option<String>,
+    /// SHA-256 content digest of the archive's files (see `fetch::archive`); required with
+    /// `source`.
+    pub source_digest: Option<String>,
+    /// Cache folder for fetched data. Default: `$PIPELINE_CACHE_DIR`, else
+    /// `$XDG_CACHE_HOME/vehicle-transfer`, else `~/.cache/vehicle-transfer`.
+    pub cache: Option<PathBuf>,
 }
 
 /// Default of `[data] max_file_bytes`: 64 MiB, far above any photo a VGG16 study sees.
@@ -72,6 +87,9 @@ impl Default for DataConfig {
             on_bad_image: OnBadImage::Error,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
+            source: None,
+            source_digest: None,
+            cache: None,
         }
     }
 }
@@ -477,21 +495,24 @@ pub struct PredictConfig {
 }
 
 impl Config {
-    /// Reads `path`, applies `overrides`
-    /// (`section.key=value`, value in TOML syntax or a bare string), validates, and resolves
-    /// relative paths against the config file's directory.
+    /// Reads `path`, applies the layer named by [`LAYER_VAR`] (when it overlays `path`), then
+    /// `overrides` (`section.key=value`, value in TOML syntax or a bare string), validates, and
+    /// resolves `source:` paths into the fetch cache and relative paths against the config
+    /// file's directory.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).at(path)?;
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Config {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+        apply_env_layer(&mut table, path)?;
         for item in overrides {
             apply_override(&mut table, item)?;
         }
         let mut config = Self::from_table(table, path)?;
         config.validate()?;
         let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_source_paths(base)?;
         config.resolve_paths(base);
         Ok(config)
     }
@@ -670,6 +691,197 @@ fn lift_train_keys(table: &mut toml::Table) -> Result<()> {
     Ok(())
 }
 
+impl Config {
+    /// Turns `source:PATH` values of `data.csv`, `data.images`, `data.root` and `predict.input`
+    /// into paths under the `[data] source` cache folder, and resolves `data.source` (a local
+    /// archive) and `data.cache` against `base`. Nothing is fetched here: `fetch::ensure_source`
+    /// does that when the files are first read.
+    fn resolve_source_paths(&mut self, base: &Path) -> Result<()> {
+        let invalid = |key: &str, message: String| Error::InvalidValue {
+            key: key.into(),
+            message,
+        };
+        let is_source = |p: Option<&PathBuf>| p.is_some_and(|p| fetch::is_source_path(p));
+        let misplaced = [
+            ("extract.out", is_source(Some(&self.extract.out))),
+            ("output.runs", is_source(Some(&self.output.runs))),
+            ("predict.output", is_source(self.predict.output.as_ref())),
+            ("predict.run", is_source(self.predict.run.as_ref())),
+            ("data.cache", is_source(self.data.cache.as_ref())),
+            (
+                "backbone.weights",
+                self.backbone.weights.starts_with(fetch::SOURCE_PREFIX),
+            ),
+        ];
+        if let Some((key, _)) = misplaced.iter().find(|(_, bad)| *bad) {
+            return Err(invalid(
+                key,
+                "`source:` paths are for files read from the fetched data (data.csv, \
+                 data.images, data.root, predict.input)"
+                    .into(),
+            ));
+        }
+        let d = &mut self.data;
+        if let Some(cache) = d.cache.as_mut() {
+            if cache.is_relative() {
+                *cache = base.join(&*cache);
+            }
+        }
+        // A local archive (a path or a file:// URL) resolves like any other path.
+        if let Some(location) = d.source.as_mut() {
+            let local = location.strip_prefix("file://").unwrap_or(location);
+            if !local.contains("://") {
+                *location = base.join(local).to_string_lossy().into_owned();
+            }
+        }
+        let uses_source = [&d.csv, &d.images, &d.root, &self.predict.input]
+            .into_iter()
+            .flatten()
+            .any(|p| fetch::is_source_path(p));
+        if !uses_source {
+            return Ok(());
+        }
+        if d.source.is_none() {
+            return Err(invalid(
+                "data.source",
+                "a path is written `source:...` but no `data.source` archive is set".into(),
+            ));
+        }
+        if d.cache.is_none() {
+            d.cache = fetch::default_cache_dir();
+        }
+        let source = fetch::Source::from_config(d)?
+            .ok_or_else(|| invalid("data.source", "a `source:` path needs `data.source`".into()))?;
+        for p in [
+            &mut d.csv,
+            &mut d.images,
+            &mut d.root,
+            &mut self.predict.input,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Some(resolved) = fetch::source_path(&source, p) {
+                *p = resolved;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Environment variable naming a config layer: a TOML file applied on top of the config file
+/// before `--set` (see [`apply_layer`]). A relative value is relative to the working directory.
+pub const LAYER_VAR: &str = "PIPELINE_CONFIG_LAYER";
+
+/// Config keys holding paths: a layer's relative values of these resolve against the layer's
+/// own folder.
+const PATH_KEYS: &[(&str, &str)] = &[
+    ("data", "csv"),
+    ("data", "images"),
+    ("data", "root"),
+    ("data", "source"),
+    ("data", "cache"),
+    ("backbone", "weights"),
+    ("extract", "out"),
+    ("output", "runs"),
+    ("predict", "input"),
+    ("predict", "output"),
+    ("predict", "run"),
+];
+
+/// Applies the layer `$PIPELINE_CONFIG_LAYER` names, if set, to the table read from `config`.
+fn apply_env_layer(table: &mut toml::Table, config: &Path) -> Result<()> {
+    let Some(layer) = std::env::var_os(LAYER_VAR).filter(|v| !v.is_empty()) else {
+        return Ok(());
+    };
+    let layer = PathBuf::from(layer);
+    // Relative to the working directory, made absolute so the layer's own paths are too.
+    let layer = std::path::absolute(&layer).at(&layer)?;
+    if apply_layer(table, config, &layer)? {
+        eprintln!(
+            "config: {} with layer {} ({LAYER_VAR})",
+            config.display(),
+            layer.display()
+        );
+    } else {
+        eprintln!(
+            "config: layer {} ({LAYER_VAR}) is for another config file, not applied to {}",
+            layer.display(),
+            config.display()
+        );
+    }
+    Ok(())
+}
+
+/// Merges the layer file `layer` into `table` (read from the config file `config`): every key
+/// of the layer's sections replaces the file's. Relative paths in the layer resolve against the
+/// layer's folder (absolute when `layer` is). The layer's own `[layer] applies_to = "PATH"` limits it to that config file
+/// (so tests and other configs are left alone); without it the layer applies to any config.
+/// Returns whether it was applied. Errors name the layer file and the key.
+pub fn apply_layer(table: &mut toml::Table, config: &Path, layer: &Path) -> Result<bool> {
+    let text = std::fs::read_to_string(layer).at(layer)?;
+    let cfg_err = |message: String| Error::Config {
+        path: layer.to_owned(),
+        message,
+    };
+    let mut layer_table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| cfg_err(e.to_string()))?;
+    let dir = layer.parent().unwrap_or(Path::new("."));
+    if let Some(header) = layer_table.remove("layer") {
+        let applies_to = header
+            .get("applies_to")
+            .and_then(toml::Value::as_str)
+            .ok_or_else(|| cfg_err("`[layer]` needs `applies_to = \"<config file>\"`".into()))?;
+        if !same_file(&dir.join(applies_to), config) {
+            return Ok(false);
+        }
+    }
+    // A typo in the layer is reported against the layer, not the config file.
+    Config::from_table(layer_table.clone(), layer)?;
+    for (section, values) in layer_table {
+        let toml::Value::Table(values) = values else {
+            return Err(cfg_err(format!("`{section}` is not a section")));
+        };
+        let target = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(target) = target else {
+            return Err(Error::Config {
+                path: config.to_owned(),
+                message: format!("`{section}` is not a section"),
+            });
+        };
+        for (key, mut value) in values {
+            if PATH_KEYS.contains(&(section.as_str(), key.as_str())) {
+                anchor_path(&mut value, dir);
+            }
+            target.insert(key, value);
+        }
+    }
+    Ok(true)
+}
+
+/// Makes a relative filesystem path value absolute against `dir`; leaves `hf:`, `source:` and
+/// URL values alone.
+fn anchor_path(value: &mut toml::Value, dir: &Path) {
+    let toml::Value::String(s) = value else {
+        return;
+    };
+    let special = s.starts_with("hf:") || s.starts_with(fetch::SOURCE_PREFIX) || s.contains("://");
+    if !special && Path::new(s.as_str()).is_relative() {
+        *s = dir.join(s.as_str()).to_string_lossy().into_owned();
+    }
+}
+
+/// Whether two paths name the same file (after resolving links and `..`).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// Applies one `section.key=value` override to the table.
 fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
     let usage = || Error::Usage(format!("--set {item}: expected section.key=value"));
@@ -819,5 +1031,125 @@ mod tests {
         assert!(load_str("", &[]).is_err(), "no dataset");
         assert!(load_str(MINIMAL, &["data.root=x"]).is_err(), "both layouts");
         assert!(load_str(MINIMAL, &["nodot=1"]).is_err());
+    }
+
+    /// A config file and a layer in `<dir>/configs/`; returns (config, layer).
+    fn layered(dir: &Path, layer: &str) -> (PathBuf, PathBuf) {
+        let config = dir.join("pipeline.toml");
+        std::fs::write(
+            &config,
+            "[data]\ncsv = \"a.csv\"\nimages = \"img\"\nimage_column = \"f\"\n\
+             [backbone]\nweights = \"hf:timm/vgg16.tv_in1k\"\n",
+        )
+        .expect("config");
+        std::fs::create_dir_all(dir.join("configs")).expect("mkdir");
+        let path = dir.join("configs/local.toml");
+        std::fs::write(&path, layer).expect("layer");
+        (config, path)
+    }
+
+    fn table_of(path: &Path) -> toml::Table {
+        std::fs::read_to_string(path)
+            .expect("read")
+            .parse()
+            .expect("toml")
+    }
+
+    #[test]
+    fn layer_replaces_keys_and_its_paths_resolve_against_its_folder() {
+        let dir = testkit::temp_dir("config-layer");
+        let (config, layer) = layered(
+            &dir,
+            "[layer]\napplies_to = \"../pipeline.toml\"\n[data]\ncsv = \"../../shared/t.csv\"\n\
+             [backbone]\nweights = \"w/vgg.safetensors\"\n[head]\nepochs = 3\n",
+        );
+        let mut table = table_of(&config);
+        assert!(apply_layer(&mut table, &config, &layer).expect("applies"));
+        apply_override(&mut table, "head.epochs=4").expect("override");
+        let c = Config::from_table(table, &config).expect("valid");
+        assert_eq!(c.data.csv, Some(dir.join("configs/../../shared/t.csv")));
+        // Keys the layer does not name keep the file's values; --set wins over the layer.
+        assert_eq!(c.data.images, Some(PathBuf::from("img")));
+        assert_eq!(c.data.image_column, "f");
+        assert_eq!(
+            c.backbone.weights,
+            dir.join("configs/w/vgg.safetensors").to_string_lossy()
+        );
+        assert_eq!(c.head.train.epochs, 4);
+    }
+
+    #[test]
+    fn layer_for_another_config_file_leaves_the_config_alone() {
+        let dir = testkit::temp_dir("config-layer-other");
+        let (config, layer) = layered(
+            &dir,
+            "[layer]\napplies_to = \"../other.toml\"\n[data]\ncsv = \"x.csv\"\n",
+        );
+        let mut table = table_of(&config);
+        let before = table.clone();
+        assert!(!apply_layer(&mut table, &config, &layer).expect("read"));
+        assert_eq!(table, before);
+        // Without `[layer]` a layer applies to any config.
+        std::fs::write(&layer, "[data]\ncsv = \"x.csv\"\n").expect("layer");
+        assert!(apply_layer(&mut table, &config, &layer).expect("applies"));
+    }
+
+    #[test]
+    fn layer_errors_name_the_layer_file_and_key() {
+        let dir = testkit::temp_dir("config-layer-bad");
+        let (config, layer) = layered(&dir, "[data]\ncsvv = \"x.csv\"\n");
+        let err = apply_layer(&mut table_of(&config), &config, &layer).expect_err("typo");
+        let text = err.to_string();
+        assert!(
+            text.contains("local.toml") && text.contains("data.csvv"),
+            "{text}"
+        );
+        std::fs::write(&layer, "[layer]\nfor = 1\n").expect("layer");
+        let err = apply_layer(&mut table_of(&config), &config, &layer).expect_err("header");
+        assert!(err.to_string().contains("applies_to"), "{err}");
+        let missing = dir.join("configs/absent.toml");
+        let err = apply_layer(&mut table_of(&config), &config, &missing).expect_err("absent");
+        assert!(err.to_string().contains("absent.toml"), "{err}");
+    }
+
+    #[test]
+    fn source_paths_resolve_into_the_cache_folder() {
+        let dir = testkit::temp_dir("config-source");
+        let config = dir.join("pipeline.toml");
+        let digest = "ab".repeat(32);
+        std::fs::write(
+            &config,
+            format!(
+                "[data]\nsource = \"https://h/o/study/archive/c0ffee.zip\"\n\
+                 source_digest = \"{digest}\"\ncache = \"cache\"\n\
+                 csv = \"source:E/train.csv\"\nimages = \"source:E/train\"\n\
+                 [predict]\ninput = \"source:E/test\"\n"
+            ),
+        )
+        .expect("config");
+        let c = Config::load(&config, &[]).expect("valid");
+        let folder = dir.join("cache/data/study-abababababababab");
+        assert_eq!(c.data.csv, Some(folder.join("E/train.csv")));
+        assert_eq!(c.data.images, Some(folder.join("E/train")));
+        assert_eq!(c.predict.input, Some(folder.join("E/test")));
+        assert_eq!(c.data.cache, Some(dir.join("cache")));
+        // A local archive resolves against the config's folder like any path.
+        let c = Config::load(&config, &["data.source=data/study.zip".into()]).expect("valid");
+        assert_eq!(
+            c.data.source.as_deref(),
+            Some(dir.join("data/study.zip").to_string_lossy().as_ref())
+        );
+        for (set, key) in [
+            ("data.source_digest=\"12\"", "data.source_digest"),
+            ("data.source=ftp://h/a.zip", "data.source"),
+            ("extract.out=source:x", "extract.out"),
+            ("backbone.weights=source:w.safetensors", "backbone.weights"),
+        ] {
+            let err = Config::load(&config, &[set.into()]).expect_err(set);
+            assert!(err.to_string().contains(key), "{set}: {err}");
+        }
+        std::fs::write(&config, "[data]\ncsv = \"source:a.csv\"\nimages = \"i\"\n").expect("w");
+        let err = Config::load(&config, &[]).expect_err("no source");
+        assert!(err.to_string().contains("data.source"), "{err}");
     }
 }

@@ -73,6 +73,9 @@ impl InputLimits {
 impl Dataset {
     /// Loads the labelled dataset that `[data]` describes.
     pub fn load(cfg: &DataConfig) -> Result<Self> {
+        // Data from `[data] source` is downloaded on first use; local data is left alone.
+        let paths = [&cfg.csv, &cfg.images, &cfg.root].into_iter().flatten();
+        crate::fetch::ensure_source(cfg, paths.map(PathBuf::as_path))?;
         let ds = match (&cfg.csv, &cfg.images, &cfg.root) {
             (Some(csv), Some(images), _) => {
                 from_csv(csv, images, &cfg.image_column, Some(&cfg.label_column), cfg)?

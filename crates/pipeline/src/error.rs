@@ -61,6 +61,23 @@ pub enum Error {
         source_name: String,
         message: String,
     },
+    /// A download failed: unreachable server, an HTTP error status, a transfer that kept
+    /// breaking off.
+    #[error("download {url}: {message}")]
+    Download { url: String, message: String },
+    /// A fetched archive could not be read, or holds an entry the pipeline refuses (absolute
+    /// path, `..`, link).
+    #[error("archive {path}: {message}")]
+    Archive { path: PathBuf, message: String },
+    /// Downloaded content does not have the SHA-256 it must have; `action` says what was done
+    /// with it (deleted, so the next run downloads it afresh).
+    #[error("{what}: SHA-256 {found}, expected {expected}; {action}")]
+    Checksum {
+        what: String,
+        expected: String,
+        found: String,
+        action: String,
+    },
     /// The feature cache is absent, incomplete, corrupt or made from other inputs.
     #[error("feature cache {path}: {message}")]
     Cache { path: PathBuf, message: String },

@@ -56,7 +56,8 @@ impl Block5Shape {
         if self.channels == 0
             || self.side < 2
             || self.classes == 0
-            || !(self.conv_lr_scale > 0.0)
+            || self.conv_lr_scale.is_nan()
+            || self.conv_lr_scale <= 0.0
         {
             return Err(Error::Model {
                 model: "block5".into(),

@@ -1,6 +1,7 @@
 //! The transfer-learning pipeline as a library: the binaries only parse arguments and call
 //! one function here. Modules follow the data flow: config -> dataset -> preprocess ->
-//! weights -> backbone -> store (feature cache) -> extract.
+//! weights -> backbone -> store (feature cache) -> extract; `fetch` downloads missing data and
+//! weights on first use.
 
 pub mod allocator;
 pub mod backbone;
@@ -11,6 +12,7 @@ pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod extract;
+pub mod fetch;
 pub mod finetune;
 pub mod head;
 pub mod logistic;

@@ -125,6 +125,7 @@ pub fn run(config: &Config) -> Result<Summary> {
         .output
         .clone()
         .unwrap_or_else(|| PathBuf::from("predictions.csv"));
+    crate::fetch::ensure_source(&config.data, [input.as_path()])?;
     let dataset = Dataset::load_unlabelled(
         input,
         config.data.images.as_deref(),

@@ -1,6 +1,7 @@
 //! Pretrained weights: a local `.safetensors` file or a Hugging Face hub repository
-//! (`hf:<owner>/<repo>`, fetched through hf-hub into its local cache). Tensors are handed out by
-//! name with their shape checked, so a wrong file fails naming the tensor.
+//! (`hf:<owner>/<repo>`, fetched into hf-hub's local cache and checked by `fetch::hub`).
+//! Tensors are handed out by name with their shape checked, so a wrong file fails naming the
+//! tensor.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -44,24 +45,11 @@ impl WeightsSource {
     }
 
     /// The local file: the path itself, or the hub file from the hf-hub cache (`HF_HOME`),
-    /// downloaded on first use.
+    /// downloaded from `HF_ENDPOINT` (default huggingface.co) and checked on first use.
     pub fn resolve(&self) -> Result<PathBuf> {
         match self {
             Self::Local(p) => Ok(p.clone()),
-            Self::Hub { repo, file } => {
-                let err = |message: String| Error::WeightsSource {
-                    source_name: format!("hf:{repo}/{file}"),
-                    message,
-                };
-                let api = hf_hub::api::sync::ApiBuilder::from_env()
-                    .build()
-                    .map_err(|e| err(e.to_string()))?;
-                api.model(repo.clone()).get(file).map_err(|e| {
-                    err(format!(
-                        "{e} (no network? put the file in the hf-hub cache, or set a local path)"
-                    ))
-                })
-            }
+            Self::Hub { repo, file } => crate::fetch::hub::Hub::from_env()?.file(repo, file),
         }
     }
 

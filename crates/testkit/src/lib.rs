@@ -5,8 +5,14 @@
 //! is absent the test prints a visible `SKIPPED` line and returns; with
 //! `PIPELINE_REQUIRE_SHARED=1` (set by `.ci/run`) the skip becomes a failure, so CI always
 //! runs them.
+//!
+//! [`http`] is a local HTTP server standing in for the internet in download tests, and
+//! [`archive`] builds the archives it serves.
 
 use std::path::{Path, PathBuf};
+
+pub mod archive;
+pub mod http;
 
 /// The environment variable that turns a missing `../shared` into a test failure.
 pub const REQUIRE_VAR: &str = "PIPELINE_REQUIRE_SHARED";
