@@ -64,6 +64,18 @@ pub enum Error {
     /// The feature cache is absent, incomplete, corrupt or made from other inputs.
     #[error("feature cache {path}: {message}")]
     Cache { path: PathBuf, message: String },
+    /// `[extract] out` names a folder holding files the feature store did not write.
+    #[error(
+        "{path} is not a feature store and not empty (it holds {entries}): \
+         choose an empty or new folder for `extract.out`; nothing in it was changed"
+    )]
+    ForeignFolder { path: PathBuf, entries: String },
+    /// The store's lock stayed taken longer than `[extract] lock_timeout`.
+    #[error(
+        "{path}: still locked by another process after {seconds} s \
+         (`extract.lock_timeout`); try again when it has finished"
+    )]
+    LockTimeout { path: PathBuf, seconds: u64 },
     /// Training could not go on (NaN loss, classes missing from training, ...).
     #[error("training: {0}")]
     Training(String),

@@ -14,7 +14,7 @@ use crate::config::{Config, HeadKind, OnBadImage};
 use crate::dataset::{hex, Dataset};
 use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
-use crate::extract::{hash_samples, Plan};
+use crate::extract::{hash_samples, load_features, Plan};
 use crate::head::Head;
 use crate::metrics::{argmax_rows, ConfusionMatrix, Metrics};
 use crate::plot::{confusion_matrix_png, line_chart, Series};
@@ -22,7 +22,6 @@ use crate::report::{markdown_table, terminal_table, winner, ModelRow};
 use crate::rng::Rng;
 use crate::runs::{latest, RunDir, METRICS_FILE};
 use crate::split::{stratified_split, Split};
-use crate::store::FeatureStore;
 use crate::train::{fit, predict, EpochRecord, History, TrainOptions, Trainable};
 
 /// Sub-stream of the seed that initialises model weights.
@@ -122,17 +121,7 @@ pub struct RunOutcome {
 /// `train-head`: trains the configured head on the cached features.
 pub fn train_head(config: &Config) -> Result<RunOutcome> {
     let plan = Plan::new(config)?;
-    let store = FeatureStore::new(&config.extract.out);
-    let set = store.load()?;
-    if set.manifest.key != plan.key {
-        return Err(Error::Cache {
-            path: store.dir.clone(),
-            message: format!(
-                "made from other inputs than the config names ({} differ): run `cargo run -p extract` to rebuild it",
-                set.manifest.key.differences(&plan.key).join(", ")
-            ),
-        });
-    }
+    let set = load_features(config, &plan)?;
     let split = split_dataset(config, &plan.dataset, &plan.hashes)?;
     // Feature rows on each side (rows of skipped images are simply absent).
     let side = |rows: &[usize]| -> Vec<usize> {
@@ -144,7 +133,7 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
     let device = training_device(config)?;
     let h = &config.head;
     let mut rng = Rng::new(config.split.seed).fork(INIT_STREAM);
-    let dim = set.manifest.dim;
+    let dim = set.key.dim;
     let classes = plan.dataset.classes.clone();
     let features = set.features.to_device(&device)?;
     let mut head = Head::new(
@@ -163,7 +152,7 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
     };
     let run = RunDir::create(&config.output.runs, &format!("head-{kind}"))?;
     run.write_config(config)?;
-    run.write_json("cache_key.json", &set.manifest.key)?;
+    run.write_json("cache_key.json", &set.key)?;
     let opts = TrainOptions {
         epochs: h.epochs,
         batch_size: h.batch_size,
