@@ -390,7 +390,7 @@ impl Store {
         match inspect(dir)? {
             Folder::Foreign(entries) => return Err(foreign_error(dir, &entries)),
             Folder::Absent | Folder::Empty => {
-                std::fs::create_dir_all(dir).at(dir)?;
+                // (`atomic_write` creates the folder, fsyncing its parent.)
                 // Written before the lock exists, so that a kill at any later moment leaves a
                 // folder that is recognisably ours. Two first runs write identical bytes.
                 write_marker(dir)?;
@@ -710,7 +710,21 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir).at(&dir)?;
+    if !dir.is_dir() {
+        // New folders must survive a crash too: fsync the parent of each one created.
+        let mut existing = dir.as_path();
+        while let Some(parent) = existing.parent().filter(|_| !existing.is_dir()) {
+            existing = parent;
+        }
+        std::fs::create_dir_all(&dir).at(&dir)?;
+        let mut created: Vec<&Path> = dir.ancestors().take_while(|a| *a != existing).collect();
+        created.reverse();
+        for d in created {
+            if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
+    }
     let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}-{n}{TMP_SUFFIX}", std::process::id()));
