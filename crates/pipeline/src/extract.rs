@@ -346,16 +346,13 @@ fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
     }
     let jobs: Vec<Job> = mine
         .iter()
-        .filter_map(|(b, items)| {
+        .filter_map(|(_, items)| {
             let missing: Vec<(String, usize)> = items
                 .iter()
                 .filter(|(h, _)| !index.contains(h) && !bad.contains_key(h))
                 .cloned()
                 .collect();
-            (!missing.is_empty()).then_some(Job {
-                batch: *b,
-                items: missing,
-            })
+            (!missing.is_empty()).then_some(Job { items: missing })
         })
         .collect();
     let mine_unique: usize = mine.iter().map(|(_, items)| items.len()).sum();
@@ -540,9 +537,6 @@ pub fn load_backbone(weights: &Weights, device: &Device, config: &Config) -> Res
 
 /// One unit of computation: the images of one planned batch that the store lacks.
 pub(crate) struct Job {
-    /// The planned batch it comes from.
-    #[allow(dead_code)]
-    pub batch: usize,
     /// (content hash, sample index of its first row).
     pub items: Vec<(String, usize)>,
 }
@@ -762,6 +756,84 @@ mod tests {
         more.push(h('f'));
         let w2 = Work::new(&more, 2);
         assert_eq!(w2.unique[..5], w.unique[..]);
+    }
+
+    #[test]
+    fn an_error_on_either_side_stops_the_pipeline_with_that_error() {
+        use crate::backbone::BackboneOptions;
+        let dir = testkit::temp_dir("pipeline-errors");
+        testkit::write_dataset(&dir, 6);
+        let path = dir.join("w.safetensors");
+        testkit::write_vgg_weights(&path, |_, _| None);
+        let weights = Weights::open(path).expect("weights");
+        let model = Vgg16Features::load(&weights, &Device::Cpu, &BackboneOptions::default())
+            .expect("model");
+        let key = crate::store::example_key(32, "f32");
+        let samples: Vec<Sample> = (0..6)
+            .map(|i| Sample {
+                id: format!("img{i:03}.png"),
+                path: dir.join(format!("images/img{i:03}.png")),
+                label: Some(0),
+                line: i + 2,
+            })
+            .collect();
+        let jobs: Vec<Job> = (0..3)
+            .map(|b| Job {
+                items: (2 * b..2 * b + 2)
+                    .map(|s| (format!("{s:064x}"), s))
+                    .collect(),
+            })
+            .collect();
+        let mut engine = Engine {
+            model: &model,
+            device: &Device::Cpu,
+            prep: &key.preprocessing,
+            key: &key,
+            on_bad_image: OnBadImage::Error,
+            program: "test",
+        };
+        let mut written = 0;
+        let all = compute_jobs(&engine, &samples, &jobs, |c: Computed| {
+            assert_eq!(c.data.len(), c.hashes.len() * key.dim * 4);
+            written += 1;
+            Ok(())
+        })
+        .expect("runs");
+        assert_eq!((all.computed, written), (6, 3));
+        // The writer fails on its second batch: that error, and no third write.
+        let mut calls = 0;
+        let err = compute_jobs(&engine, &samples, &jobs, |_: Computed| {
+            calls += 1;
+            match calls {
+                2 => Err(Error::Cache {
+                    path: "disk".into(),
+                    message: "no space left".into(),
+                }),
+                _ => Ok(()),
+            }
+        })
+        .expect_err("writer error");
+        assert!(err.to_string().contains("no space left"), "{err}");
+        assert_eq!(calls, 2);
+        // The decoder meets a missing image in the third batch: that error, naming it.
+        std::fs::remove_file(&samples[4].path).expect("rm");
+        let mut batches = 0;
+        let err = compute_jobs(&engine, &samples, &jobs, |_: Computed| {
+            batches += 1;
+            Ok(())
+        })
+        .expect_err("decode error");
+        let text = err.to_string();
+        assert!(
+            text.contains("img004.png") && text.contains("line 6"),
+            "{text}"
+        );
+        assert_eq!(batches, 2);
+        // Skip mode: the missing image is reported, the rest computed.
+        engine.on_bad_image = OnBadImage::Skip;
+        let out = compute_jobs(&engine, &samples, &jobs, |_: Computed| Ok(())).expect("skips");
+        assert_eq!((out.computed, out.skipped.len()), (5, 1));
+        assert_eq!(out.skipped[0].0, format!("{:064x}", 4));
     }
 
     #[test]

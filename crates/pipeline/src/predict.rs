@@ -198,9 +198,7 @@ pub fn run(config: &Config) -> Result<Summary> {
         let backbone = Vgg16Features::load(&weights, &device, &options)?;
         let jobs: Vec<Job> = misses
             .chunks(batch_size.max(1))
-            .enumerate()
-            .map(|(batch, items)| Job {
-                batch,
+            .map(|items| Job {
                 items: items.iter().map(|&(h, r)| (h.clone(), *r)).collect(),
             })
             .collect();
