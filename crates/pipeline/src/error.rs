@@ -61,8 +61,9 @@ pub enum Error {
         source_name: String,
         message: String,
     },
-    /// The feature cache is absent, incomplete, corrupt or made from other inputs.
-    #[error("feature cache {path}: {message}")]
+    /// The feature store (or one of its files) is absent, incomplete, corrupt, or holds
+    /// features of other inputs than the config names.
+    #[error("feature store {path}: {message}")]
     Cache { path: PathBuf, message: String },
     /// `[extract] out` names a folder holding files the feature store did not write.
     #[error(

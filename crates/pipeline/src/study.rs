@@ -1,5 +1,5 @@
 //! The study's training steps as the binaries run them: the shared split, `train-head` on the
-//! feature cache, `train-cnn` on the images, and the per-run outputs (resolved config, weights,
+//! feature store, `train-cnn` on the images, and the per-run outputs (resolved config, weights,
 //! `metrics.json` rewritten after every epoch, plots, and the comparison report).
 
 use std::path::{Path, PathBuf};
