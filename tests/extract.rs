@@ -1,17 +1,19 @@
 //! Feature extraction: parity with the reference VGG16, the end-to-end run on the study's data,
-//! cache reuse / invalidation / resume, and every bad input the extraction issue names.
+//! store reuse / incremental updates / resume, and every bad input the extraction issue names.
+//! (The store's own guarantees are in `tests/store.rs`, the binary's in
+//! `crates/extract/tests/cli.rs`.)
 //!
-//! Cache-logic tests use a generated dataset and seeded random VGG16 weights at a 32x32 input,
+//! Store-logic tests use a generated dataset and seeded random VGG16 weights at a 32x32 input,
 //! so they run in seconds and without `../shared`; the parity and end-to-end tests use the real
 //! data and weights through `testkit::shared_dir`.
 
 use candle_core::{Device, Tensor};
 use pipeline::backbone::BackboneOptions;
 use pipeline::config::{Config, ConvAlgorithm, OnBadImage};
-use pipeline::{FeatureStore, Vgg16Features, Weights};
+use pipeline::{Vgg16Features, Weights};
 
 mod common;
-use common::{fixture, random_weights};
+use common::{fixture, load, random_weights, shards};
 
 fn extract(c: &Config) -> pipeline::extract::Summary {
     pipeline::extract::run(c).expect("extraction succeeds")
@@ -25,9 +27,7 @@ fn extract_err(c: &Config) -> String {
 }
 
 fn features(c: &Config) -> (Vec<Vec<f32>>, Vec<usize>, Vec<usize>) {
-    let set = FeatureStore::new(&c.extract.out)
-        .load()
-        .expect("cache loads");
+    let set = load(c).expect("features load");
     (set.features.to_vec2().expect("f32"), set.labels, set.rows)
 }
 
@@ -102,7 +102,7 @@ fn extracts_a_subset_of_the_real_study_data() {
     c.extract.out = dir.join("features");
     let summary = extract(&c);
     assert_eq!((summary.images, summary.computed), (5, 5));
-    let set = FeatureStore::new(&c.extract.out).load().expect("load");
+    let set = load(&c).expect("load");
     assert_eq!(set.features.dims(), &[5, 25088]);
     // The first five rows of train.csv, in order.
     let csv = std::fs::read_to_string(data.join("train.csv")).expect("csv");
@@ -120,16 +120,16 @@ fn extracts_a_subset_of_the_real_study_data() {
         rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>()
     );
     assert_eq!(set.labels, rows.iter().map(|r| r.1).collect::<Vec<_>>());
-    let m = &set.manifest;
+    let m = &set.row_map;
     assert!(m.complete);
-    assert_eq!((m.count, m.dim, m.key.rows), (5, 25088, 5));
-    assert_eq!(m.key.classes, vec!["0", "1"]);
+    assert_eq!((m.counts.stored, set.key.dim, m.counts.rows), (5, 25088, 5));
+    assert_eq!(m.classes, vec!["0", "1"]);
     assert_eq!(
-        m.key.weights_sha256,
+        set.key.weights_sha256,
         "bfdfb452d5b8b1fd3f9ad10a52668ad952959535ce95c73d886b6e6365fc58ae"
     );
-    assert_eq!(m.key.preprocessing.mean, [123.68, 116.779, 103.939]);
-    assert_eq!(m.key.preprocessing.input_scale, 255.0);
+    assert_eq!(set.key.preprocessing.mean, [123.68, 116.779, 103.939]);
+    assert_eq!(set.key.preprocessing.input_scale, 255.0);
     // Features are post-ReLU max-pools: non-negative, and not all zero.
     let v: Vec<f32> = set
         .features
@@ -138,9 +138,13 @@ fn extracts_a_subset_of_the_real_study_data() {
         .to_vec1()
         .expect("vec");
     assert!(v.iter().all(|x| *x >= 0.0) && v.iter().any(|x| *x > 0.0));
-    let manifest_json =
-        std::fs::read_to_string(c.extract.out.join("manifest.json")).expect("manifest");
-    assert!(manifest_json.contains("dataset_fingerprint"));
+    // One row map, one space, and the marker.
+    let maps = std::fs::read_dir(c.extract.out.join("datasets"))
+        .expect("datasets")
+        .count();
+    assert_eq!(maps, 1);
+    assert!(c.extract.out.join("STORE.json").is_file());
+    assert_eq!(shards(&c.extract.out).len(), 2, "5 rows in batches of 3");
 }
 
 #[test]
@@ -161,21 +165,23 @@ fn rerun_with_same_inputs_reuses_the_cache() {
 }
 
 #[test]
-fn changed_image_weights_or_preprocessing_invalidate_the_cache() {
+fn changed_image_computes_that_image_and_new_weights_or_preprocessing_a_new_space() {
     let (dir, mut c) = fixture("invalidate", 4);
     extract(&c);
     let original = features(&c);
-    // One image's bytes change: everything is recomputed.
+    // One image's bytes change: only that image is computed.
     let img = image::RgbImage::from_pixel(40, 30, image::Rgb([1, 2, 3]));
     img.save(dir.join("images/img002.png")).expect("save");
-    assert_eq!(extract(&c).computed, 4);
+    let s = extract(&c);
+    assert_eq!((s.computed, s.reused), (1, 3));
     let changed = features(&c);
     assert_ne!(changed.0[2], original.0[2]);
     assert_eq!(changed.0[0], original.0[0]);
-    // Preprocessing override.
+    assert_eq!(changed.0[3], original.0[3]);
+    // Preprocessing override: another space, everything computed.
     c.preprocess.mean = Some([0.0, 0.0, 0.0]);
     assert_eq!(extract(&c).computed, 4);
-    // Other weights.
+    // Other weights: another space too.
     let other = dir.join("other.safetensors");
     std::fs::copy(random_weights(), &other).expect("copy");
     let mut bytes = std::fs::read(&other).expect("read");
@@ -184,14 +190,19 @@ fn changed_image_weights_or_preprocessing_invalidate_the_cache() {
     std::fs::write(&other, bytes).expect("write");
     c.backbone.weights = other.display().to_string();
     assert_eq!(extract(&c).computed, 4);
-    // A changed label changes the dataset too.
+    // A changed label changes the dataset's row map, not its features: nothing to compute.
     let csv = dir.join("labels.csv");
     let text = std::fs::read_to_string(&csv)
         .expect("csv")
         .replace("img001.png,car", "img001.png,ambulance");
     std::fs::write(&csv, text).expect("csv");
-    assert_eq!(extract(&c).computed, 4);
+    assert_eq!(extract(&c).computed, 0);
     assert_eq!(features(&c).1, vec![0, 0, 1, 0]);
+    // Back to the first weights and preprocessing: that space still holds everything.
+    c.preprocess.mean = None;
+    c.backbone.weights = random_weights().display().to_string();
+    assert_eq!(extract(&c).computed, 0);
+    assert_eq!(features(&c).0, changed.0);
 }
 
 #[test]
@@ -199,25 +210,47 @@ fn interrupted_run_resumes_without_missing_or_duplicated_rows() {
     let (_dir, c) = fixture("resume", 7);
     extract(&c);
     let complete = features(&c);
-    let store = FeatureStore::new(&c.extract.out);
-    // The state a kill can leave: a manifest not yet complete, a missing shard, a temporary
-    // file from a write in progress, and (disk trouble) a corrupt shard.
-    let mut m = store.manifest().expect("manifest").expect("present");
-    m.complete = false;
-    store.write_manifest(&m).expect("write");
-    std::fs::remove_file(store.shard_path(1)).expect("rm shard");
+    let plan = pipeline::extract::Plan::new(&c).expect("plan");
+    let hash = |row: usize| plan.hashes[row].clone().expect("hash");
+    let holding = |row: usize| {
+        shards(&c.extract.out)
+            .into_iter()
+            .find(|(_, hashes)| hashes.contains(&hash(row)))
+            .expect("a shard holds the row")
+            .0
+    };
+    // The state a kill can leave: a row map not yet complete, a missing shard, a temporary
+    // file from a write in progress, and (disk trouble) a truncated shard.
+    let map_path = c
+        .extract
+        .out
+        .join("datasets")
+        .join(format!("{}.json", plan.view));
+    let text = std::fs::read_to_string(&map_path).expect("row map");
     std::fs::write(
-        c.extract.out.join("shard-00001.safetensors.tmp"),
-        b"partial",
+        &map_path,
+        text.replace("\"complete\":true", "\"complete\":false"),
     )
-    .expect("tmp");
-    std::fs::write(store.shard_path(3), b"garbage").expect("corrupt");
-    assert!(store.load().is_err(), "an incomplete cache must not load");
+    .expect("write");
+    let second = holding(2);
+    std::fs::remove_file(&second).expect("rm shard");
+    let tmp = format!("{}.4242-0.tmp", second.display());
+    std::fs::write(&tmp, b"partial").expect("tmp");
+    let last = holding(6);
+    let bytes = std::fs::read(&last).expect("read");
+    std::fs::write(&last, &bytes[..bytes.len() - 1]).expect("truncate");
+    let err = load(&c)
+        .expect_err("an incomplete store must not load")
+        .to_string();
+    assert!(
+        err.contains("incomplete") && err.contains("cargo run -p extract"),
+        "{err}"
+    );
     let resumed = extract(&c);
     assert_eq!(
         resumed.computed,
         2 + 1,
-        "only shard 1 (2 rows) and shard 3 (1 row) are redone"
+        "only the 2 rows of the removed shard and the 1 of the truncated one are redone"
     );
     let after = features(&c);
     assert_eq!(
@@ -226,7 +259,8 @@ fn interrupted_run_resumes_without_missing_or_duplicated_rows() {
         "every row exactly once, in order"
     );
     assert_eq!(after, complete);
-    assert!(!c.extract.out.join("shard-00001.safetensors.tmp").exists());
+    assert!(!std::path::Path::new(&tmp).exists());
+    assert_eq!(shards(&c.extract.out).len(), 4);
 }
 
 #[test]
@@ -248,8 +282,8 @@ fn class_per_folder_dataset() {
     c.extract.out = dir.join("features");
     c.validate().expect("valid");
     assert_eq!(extract(&c).images, 5);
-    let set = FeatureStore::new(&c.extract.out).load().expect("load");
-    assert_eq!(set.manifest.key.classes, vec!["bus", "police"]);
+    let set = load(&c).expect("load");
+    assert_eq!(set.row_map.classes, vec!["bus", "police"]);
     assert_eq!(set.labels, vec![0, 0, 0, 1, 1]);
     assert_eq!(set.ids[0], "bus/0.png");
 }
@@ -277,14 +311,20 @@ fn undecodable_image_errors_or_is_skipped_and_listed() {
     c.data.on_bad_image = OnBadImage::Skip;
     let s = extract(&c);
     assert_eq!((s.images, s.skipped), (4, 1));
-    let set = FeatureStore::new(&c.extract.out).load().expect("load");
+    let set = load(&c).expect("load");
     assert_eq!(set.rows, vec![0, 1, 2, 4]);
-    assert_eq!(set.manifest.skipped.len(), 1);
-    assert_eq!(set.manifest.skipped[0].id, "img003.png");
+    let skipped = set.row_map.skipped();
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0].0, "img003.png");
+    assert!(skipped[0].1.contains("img003.png"), "{}", skipped[0].1);
+    // A rerun knows the bad image by its content: nothing to decode or compute again.
+    let again = extract(&c);
+    assert_eq!((again.images, again.skipped, again.computed), (4, 1, 0));
     // A missing file is skipped the same way.
     std::fs::remove_file(dir.join("images/img000.png")).expect("rm");
     let s = extract(&c);
     assert_eq!((s.images, s.skipped), (3, 2));
+    assert_eq!(load(&c).expect("load").rows, vec![1, 2, 4]);
 }
 
 #[test]
@@ -400,11 +440,8 @@ fn hub_weights_resolve_from_the_local_hf_cache_without_network() {
     c.backbone.weights = "hf:timm/vgg16.tv_in1k".into();
     let s = extract(&c);
     assert_eq!(s.images, 3);
-    let m = FeatureStore::new(&c.extract.out)
-        .manifest()
-        .expect("read")
-        .expect("manifest");
-    assert_eq!(m.key.weights, "hf:timm/vgg16.tv_in1k");
+    let m = load(&c).expect("load").row_map;
+    assert_eq!(m.weights, "hf:timm/vgg16.tv_in1k");
     // A repository that is neither cached nor reachable is an error naming it.
     let missing = pipeline::WeightsSource::parse("hf:nobody/absent-model");
     let err = missing

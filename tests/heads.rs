@@ -9,7 +9,6 @@ use pipeline::config::{Config, HeadKind};
 use pipeline::head::Head;
 use pipeline::scaling::Scaling;
 use pipeline::study::train_head;
-use pipeline::FeatureStore;
 
 fn setup(test: &str) -> (std::path::PathBuf, Config) {
     let (dir, mut c) = fixture(test, 24);
@@ -22,10 +21,7 @@ fn setup(test: &str) -> (std::path::PathBuf, Config) {
 }
 
 fn all_features(c: &Config) -> candle_core::Tensor {
-    FeatureStore::new(&c.extract.out)
-        .load()
-        .expect("cache")
-        .features
+    common::load(c).expect("store").features
 }
 
 #[test]

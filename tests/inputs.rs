@@ -12,7 +12,7 @@ use pipeline::config::{ChannelOrder, Config, ResizeMode};
 use pipeline::preprocess::{Partial, IMAGENET_MEAN, IMAGENET_STD};
 use pipeline::runs::RunStatus;
 use pipeline::study::{read_metrics, train_cnn, train_head, RunMetrics};
-use pipeline::{FeatureStore, Weights};
+use pipeline::Weights;
 
 mod common;
 use common::{fixture, random_weights};
@@ -20,9 +20,7 @@ use common::{fixture, random_weights};
 /// The cache's features (rows in cache order) and labels; one place to adapt if the cache
 /// API changes.
 fn features(c: &Config) -> (Vec<Vec<f32>>, Vec<usize>) {
-    let set = FeatureStore::new(&c.extract.out)
-        .load()
-        .expect("cache loads");
+    let set = common::load(c).expect("cache loads");
     (set.features.to_vec2().expect("f32"), set.labels)
 }
 
@@ -146,11 +144,8 @@ fn hub_weights_bring_their_known_preprocessing_into_a_real_extraction() {
     hub.backbone.weights = "hf:timm/vgg16.tv_in1k".into();
     hub.extract.out = dir.join("hub");
     pipeline::extract::run(&hub).expect("hub extraction");
-    let manifest = FeatureStore::new(&hub.extract.out)
-        .manifest()
-        .expect("read")
-        .expect("manifest");
-    let p = &manifest.key.preprocessing;
+    let set = common::load(&hub).expect("store loads");
+    let p = &set.key.preprocessing;
     assert_eq!(
         (p.input_scale, p.mean, p.std, p.channel_order),
         (1.0, IMAGENET_MEAN, IMAGENET_STD, ChannelOrder::Rgb)
@@ -201,11 +196,8 @@ fn integer_labels_written_differently_are_one_class_and_blank_lines_are_skipped(
     .expect("csv");
     let s = pipeline::extract::run(&c).expect("extract");
     assert_eq!(s.images, 4);
-    let m = FeatureStore::new(&c.extract.out)
-        .manifest()
-        .expect("read")
-        .expect("manifest");
-    assert_eq!(m.key.classes, ["0", "1"]);
+    let set = common::load(&c).expect("store loads");
+    assert_eq!(set.row_map.classes, ["0", "1"]);
     assert_eq!(features(&c).1, [1, 1, 1, 0]);
     // A label outside the configured classes still names its line (blank lines counted).
     c.data.classes = Some(vec!["0".into(), "2".into()]);

@@ -33,3 +33,54 @@ pub fn fixture(test: &str, n: usize) -> (PathBuf, Config) {
     c.validate().expect("valid config");
     (dir, c)
 }
+
+/// The features of the dataset `c` names, loaded from its store as `train-head` loads them.
+pub fn load(c: &Config) -> pipeline::Result<pipeline::FeatureSet> {
+    let plan = pipeline::extract::Plan::new(c)?;
+    pipeline::extract::load_features(c, &plan)
+}
+
+/// Every shard file under a store: (path, content hashes in row order), sorted by path.
+pub fn shards(out: &Path) -> Vec<(PathBuf, Vec<String>)> {
+    let mut found = Vec::new();
+    let spaces = out.join("spaces");
+    for space in std::fs::read_dir(&spaces).expect("spaces").flatten() {
+        let dir = space.path();
+        let id = space.file_name().to_string_lossy().into_owned();
+        let key_path = dir.join("space.json");
+        let key = pipeline::CacheKey::from_json(
+            &std::fs::read(&key_path).expect("space.json"),
+            &key_path,
+        )
+        .expect("valid space.json");
+        for f in std::fs::read_dir(&dir).expect("space dir").flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if pipeline::store::shard::is_shard_name(&name) {
+                let header = pipeline::store::shard::read_header(&f.path(), &key, &id)
+                    .expect("readable")
+                    .expect("valid shard");
+                found.push((f.path(), header.hashes));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Every file under `dir` (relative path -> bytes), the lock file left out.
+pub fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else if e.file_name() != ".lock" {
+                let rel = p.strip_prefix(root).expect("inside").display().to_string();
+                out.insert(rel, std::fs::read(&p).expect("read"));
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}

@@ -1,11 +1,18 @@
-//! `extract`: caches frozen-backbone features of the configured dataset under `[extract] out`.
+//! `extract`: stores frozen-backbone features of the configured dataset in the feature store
+//! `[extract] out`; `extract --gc` deletes the store's unreferenced shards.
+
+use pipeline::cli::Mode;
 
 fn main() -> std::process::ExitCode {
-    pipeline::cli::main(
+    pipeline::cli::main_with_modes(
         "extract",
-        "run the frozen backbone over the dataset and cache its features",
-        |config| {
-            println!("{}", pipeline::extract::run(config)?);
+        "run the frozen backbone over the dataset and store its features",
+        &[Mode::Gc],
+        |config, mode| {
+            match mode {
+                Mode::Run => println!("{}", pipeline::extract::run(config)?),
+                Mode::Gc => println!("{}", pipeline::extract::gc(config)?),
+            }
             Ok(())
         },
     )

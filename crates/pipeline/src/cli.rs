@@ -1,4 +1,5 @@
-//! The command line every binary shares: `--config PATH` and repeatable `--set section.key=value`.
+//! The command line every binary shares: `--config PATH` and repeatable `--set section.key=value`,
+//! plus the mode flags a binary accepts (`extract --gc`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +14,39 @@ pub struct Args {
     pub config: PathBuf,
     /// `section.key=value` overrides, in order; later ones win.
     pub overrides: Vec<String>,
+    /// What to do (the default, or a mode flag the binary accepts).
+    pub mode: Mode,
+}
+
+/// What a binary is asked to do besides its default job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The binary's job.
+    #[default]
+    Run,
+    /// `--gc`: delete the feature store's unreferenced shards (`extract` only).
+    Gc,
+}
+
+impl Mode {
+    /// The flag that selects the mode.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Mode::Run => "",
+            Mode::Gc => "--gc",
+        }
+    }
+
+    /// The help line of the mode's flag.
+    fn help(self) -> &'static str {
+        match self {
+            Mode::Run => "",
+            Mode::Gc => {
+                "      --gc                 delete the feature store's shards that no dataset\n                           \
+                 row map references, and say what was freed\n"
+            }
+        }
+    }
 }
 
 /// What the command line asked for.
@@ -22,11 +56,17 @@ pub enum Parsed {
     Help,
 }
 
-/// Parses the arguments after the program name.
+/// Parses the arguments after the program name (no mode flags).
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
+    parse_with(args, &[])
+}
+
+/// Parses the arguments after the program name, accepting the flags of `modes`.
+pub fn parse_with(args: impl IntoIterator<Item = String>, modes: &[Mode]) -> Result<Parsed> {
     let mut out = Args {
         config: PathBuf::from("pipeline.toml"),
         overrides: Vec::new(),
+        mode: Mode::Run,
     };
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
@@ -44,6 +84,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
             "-h" | "--help" => return Ok(Parsed::Help),
             "-c" | "--config" => out.config = value("--config")?.into(),
             "-s" | "--set" => out.overrides.push(value("--set")?),
+            f if inline.is_none() && modes.iter().any(|m| m.flag() == f) => {
+                let mode = modes.iter().copied().find(|m| m.flag() == f);
+                out.mode = mode.unwrap_or_default();
+            }
             _ => {
                 return Err(Error::Usage(format!(
                     "unknown argument `{arg}` (try --help)"
@@ -56,13 +100,21 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
 
 /// The help text of a binary.
 pub fn help(name: &str, about: &str) -> String {
+    help_with(name, about, &[])
+}
+
+/// The help text of a binary that accepts the flags of `modes`.
+pub fn help_with(name: &str, about: &str, modes: &[Mode]) -> String {
+    let flags: String = modes.iter().map(|m| format!(" [{}]", m.flag())).collect();
+    let lines: String = modes.iter().map(|m| m.help()).collect();
     format!(
         "{name}: {about}\n\n\
-         Usage: {name} [--config PATH] [--set section.key=value]...\n\n\
+         Usage: {name} [--config PATH] [--set section.key=value]...{flags}\n\n\
          Options:\n  \
          -c, --config PATH        config file (default: ./pipeline.toml)\n  \
          -s, --set KEY=VALUE      override one config key, e.g. --set extract.batch_size=64;\n                           \
-         repeatable, wins over the file (values in TOML syntax)\n  \
+         repeatable, wins over the file (values in TOML syntax)\n\
+         {lines}  \
          -h, --help               this text\n\n\
          Every key is documented in pipeline.toml.\n"
     )
@@ -70,21 +122,39 @@ pub fn help(name: &str, about: &str) -> String {
 
 /// Parses the process arguments and loads the config; `None` when help was printed.
 pub fn load_config(name: &str, about: &str) -> Result<Option<Config>> {
-    match parse(std::env::args().skip(1))? {
+    Ok(load_config_with(name, about, &[])?.map(|(c, _)| c))
+}
+
+/// [`load_config`] for a binary that accepts the flags of `modes`: also returns the mode.
+pub fn load_config_with(name: &str, about: &str, modes: &[Mode]) -> Result<Option<(Config, Mode)>> {
+    match parse_with(std::env::args().skip(1), modes)? {
         Parsed::Help => {
-            print!("{}", help(name, about));
+            print!("{}", help_with(name, about, modes));
             Ok(None)
         }
-        Parsed::Run(args) => Config::load(&args.config, &args.overrides).map(Some),
+        Parsed::Run(args) => Ok(Some((
+            Config::load(&args.config, &args.overrides)?,
+            args.mode,
+        ))),
     }
 }
 
 /// A binary's whole `main`: parse arguments, load the config, run, print any error and map it
 /// to a non-zero exit code.
 pub fn main(name: &str, about: &str, run: impl FnOnce(&Config) -> Result<()>) -> ExitCode {
+    main_with_modes(name, about, &[], |config, _| run(config))
+}
+
+/// [`main`] for a binary that accepts the flags of `modes`; `run` gets the chosen mode.
+pub fn main_with_modes(
+    name: &str,
+    about: &str,
+    modes: &[Mode],
+    run: impl FnOnce(&Config, Mode) -> Result<()>,
+) -> ExitCode {
     crate::allocator::keep_freed_memory();
-    let result = load_config(name, about).and_then(|c| match c {
-        Some(config) => run(&config),
+    let result = load_config_with(name, about, modes).and_then(|c| match c {
+        Some((config, mode)) => run(&config, mode),
         None => Ok(()),
     });
     match result {
@@ -111,6 +181,24 @@ mod tests {
         };
         assert_eq!(a.config, PathBuf::from("x.toml"));
         assert_eq!(a.overrides, vec!["a.b=1", "c.d=2"]);
+    }
+
+    #[test]
+    fn mode_flags_are_accepted_only_where_offered() {
+        let Ok(Parsed::Run(a)) = parse_with(
+            ["--gc", "-c", "x.toml"].iter().map(|s| s.to_string()),
+            &[Mode::Gc],
+        ) else {
+            panic!("should parse");
+        };
+        assert_eq!((a.mode, a.config), (Mode::Gc, PathBuf::from("x.toml")));
+        let Ok(Parsed::Run(a)) = parse_with(["-c", "x.toml"].map(String::from), &[Mode::Gc]) else {
+            panic!("should parse");
+        };
+        assert_eq!(a.mode, Mode::Run);
+        assert!(p(&["--gc"]).is_err(), "binaries without modes refuse --gc");
+        assert!(help_with("extract", "x", &[Mode::Gc]).contains("--gc"));
+        assert!(!help("train-head", "x").contains("--gc"));
     }
 
     #[test]

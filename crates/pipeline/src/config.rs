@@ -188,6 +188,16 @@ pub struct ExtractConfig {
     /// Largest im2col buffer, in MiB, one convolution of the candle (GPU) engine may allocate:
     /// the batch is cut into slices that fit. Default: 1024.
     pub conv_workspace_mb: usize,
+    /// Seconds to wait for the store's lock when another process holds it, then fail.
+    /// Default: wait as long as it takes.
+    pub lock_timeout: Option<u64>,
+}
+
+impl ExtractConfig {
+    /// `lock_timeout` as a duration (`None`: wait for ever).
+    pub fn lock_wait(&self) -> Option<std::time::Duration> {
+        self.lock_timeout.map(std::time::Duration::from_secs)
+    }
 }
 
 impl Default for ExtractConfig {
@@ -200,6 +210,7 @@ impl Default for ExtractConfig {
             conv: ConvAlgorithm::Winograd2x2,
             compute: ComputePrecision::F32,
             conv_workspace_mb: 1024,
+            lock_timeout: None,
         }
     }
 }
@@ -496,9 +507,11 @@ pub struct PredictConfig {
 
 impl Config {
     /// Reads `path`, applies the layer named by [`LAYER_VAR`] (when it overlays `path`), then
-    /// `overrides` (`section.key=value`, value in TOML syntax or a bare string), validates, and
-    /// resolves `source:` paths into the fetch cache and relative paths against the config
-    /// file's directory.
+    /// `overrides` (`section.key=value`, value in TOML syntax or a bare string), validates,
+    /// resolves `source:` paths into the fetch cache, and makes every path absolute and
+    /// canonical: relative ones are resolved against the config file's (canonical) directory,
+    /// symbolic links and `.`/`..` are resolved, so the same file is spelled the same way
+    /// whatever the working directory or the spelling in the config.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).at(path)?;
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Config {
@@ -511,7 +524,8 @@ impl Config {
         }
         let mut config = Self::from_table(table, path)?;
         config.validate()?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let file = std::fs::canonicalize(path).at(path)?;
+        let base = file.parent().unwrap_or(Path::new("/"));
         config.resolve_source_paths(base)?;
         config.resolve_paths(base);
         Ok(config)
@@ -582,6 +596,15 @@ impl Config {
         if self.extract.batch_size == 0 {
             return bad("extract.batch_size", "must be at least 1");
         }
+        if self.extract.batch_size > crate::store::shard::MAX_SHARD_ROWS {
+            return bad(
+                "extract.batch_size",
+                &format!(
+                    "must be at most {} (rows per store shard)",
+                    crate::store::shard::MAX_SHARD_ROWS
+                ),
+            );
+        }
         if self.extract.conv_workspace_mb == 0 {
             return bad("extract.conv_workspace_mb", "must be at least 1");
         }
@@ -625,11 +648,10 @@ impl Config {
         Ok(())
     }
 
-    fn resolve_paths(&mut self, base: &Path) {
+    /// Makes every path absolute (relative ones against `base`) and canonical.
+    pub fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
+            *p = canonical(&base.join(&*p));
         };
         let d = &mut self.data;
         for p in [&mut d.csv, &mut d.images, &mut d.root]
@@ -882,6 +904,41 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// The canonical spelling of an absolute path that may not exist yet: its longest existing
+/// ancestor is canonicalised (symbolic links resolved), the rest appended with `.` dropped
+/// and `..` applied lexically.
+pub fn canonical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let parts: Vec<Component> = path.components().collect();
+    for keep in (1..=parts.len()).rev() {
+        let head: PathBuf = parts[..keep].iter().collect();
+        if let Ok(mut out) = std::fs::canonicalize(&head) {
+            for c in &parts[keep..] {
+                match c {
+                    Component::ParentDir => {
+                        out.pop();
+                    }
+                    Component::Normal(n) => out.push(n),
+                    _ => {}
+                }
+            }
+            return out;
+        }
+    }
+    // Nothing of it exists (not even the root): lexical clean-up only.
+    let mut out = PathBuf::new();
+    for c in parts {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Applies one `section.key=value` override to the table.
 fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
     let usage = || Error::Usage(format!("--set {item}: expected section.key=value"));
@@ -1014,9 +1071,37 @@ mod tests {
     }
 
     #[test]
+    fn load_makes_every_path_absolute_and_canonical_whatever_the_spelling() {
+        let dir =
+            std::env::temp_dir().join(format!("pipeline-config-canon-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub/data")).expect("mkdir");
+        std::fs::write(
+            dir.join("sub/pipeline.toml"),
+            "[data]\ncsv = \"./data/../data/a.csv\"\nimages = \"data\"\n\
+             [extract]\nout = \"feats/./x/\"\n[output]\nruns = \"../sub/runs\"\n",
+        )
+        .expect("write");
+        let a = Config::load(&dir.join("sub/pipeline.toml"), &[]).expect("load");
+        let b = Config::load(
+            &dir.join("sub/../sub/./pipeline.toml"),
+            &["extract.out=../sub/feats/nothing/../x".into()],
+        )
+        .expect("load");
+        let root = dir.canonicalize().expect("canonical");
+        assert_eq!(a.data.csv, Some(root.join("sub/data/a.csv")));
+        assert_eq!(a.data.images, Some(root.join("sub/data")));
+        assert_eq!(a.extract.out, root.join("sub/feats/x"));
+        assert_eq!(a.output.runs, root.join("sub/runs"));
+        assert_eq!((&a.data.csv, &a.extract.out), (&b.data.csv, &b.extract.out));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn bad_values_are_rejected() {
         for o in [
             "extract.batch_size=0",
+            "extract.batch_size=100000",
             "split.val_fraction=1.5",
             "extract.device=tpu",
             "data.limit=0",

@@ -61,6 +61,22 @@ pub enum Error {
         source_name: String,
         message: String,
     },
+    /// The feature store (or one of its files) is absent, incomplete, corrupt, or holds
+    /// features of other inputs than the config names.
+    #[error("feature store {path}: {message}")]
+    Cache { path: PathBuf, message: String },
+    /// `[extract] out` names a folder holding files the feature store did not write.
+    #[error(
+        "{path} is not a feature store and not empty (it holds {entries}): \
+         choose an empty or new folder for `extract.out`; nothing in it was changed"
+    )]
+    ForeignFolder { path: PathBuf, entries: String },
+    /// The store's lock stayed taken longer than `[extract] lock_timeout`.
+    #[error(
+        "{path}: still locked by another process after {seconds} s \
+         (`extract.lock_timeout`); try again when it has finished"
+    )]
+    LockTimeout { path: PathBuf, seconds: u64 },
     /// A download failed: unreachable server, an HTTP error status, a transfer that kept
     /// breaking off.
     #[error("download {url}: {message}")]
@@ -78,9 +94,6 @@ pub enum Error {
         found: String,
         action: String,
     },
-    /// The feature cache is absent, incomplete, corrupt or made from other inputs.
-    #[error("feature cache {path}: {message}")]
-    Cache { path: PathBuf, message: String },
     /// A model was given tensors of the wrong shape or type, or was built with an impossible
     /// shape (a programming or file error; `model` names the model or op).
     #[error("{model}: {message}")]

@@ -1,7 +1,7 @@
 //! The transfer-learning pipeline as a library: the binaries only parse arguments and call
 //! one function here. Modules follow the data flow: config -> dataset -> preprocess ->
-//! weights -> backbone -> store (feature cache) -> extract; `fetch` downloads missing data and
-//! weights on first use.
+//! weights -> backbone -> store (content-addressed feature store) -> extract; `fetch`
+//! downloads missing data and weights on first use.
 
 pub mod allocator;
 pub mod backbone;
@@ -38,5 +38,5 @@ pub use config::Config;
 pub use dataset::{Dataset, Sample};
 pub use error::{Error, Result};
 pub use preprocess::Preprocessing;
-pub use store::{FeatureSet, FeatureStore, Manifest};
+pub use store::{CacheKey, FeatureSet, RowMap, Store};
 pub use weights::{Weights, WeightsSource};

@@ -14,7 +14,7 @@ use crate::config::{Config, HeadKind, OnBadImage};
 use crate::dataset::{hex, Dataset};
 use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
-use crate::extract::{hash_samples, Plan};
+use crate::extract::{hash_samples, load_features, Plan};
 use crate::head::{Head, HeadShape};
 use crate::metrics::{argmax_rows, ConfusionMatrix, Metrics};
 use crate::plot::{confusion_matrix_png, line_chart, Series};
@@ -23,7 +23,6 @@ use crate::rng::Rng;
 use crate::runs::{latest_finished, RunDir, RunStatus, METRICS_FILE};
 use crate::scaling::Scaler;
 use crate::split::{stratified_split, Split};
-use crate::store::FeatureStore;
 use crate::train::{evaluate, fit, predict, EpochRecord, History, Labelled, Model, TrainOptions};
 
 /// Sub-stream of the seed that initialises model weights.
@@ -160,17 +159,7 @@ pub struct RunOutcome {
 /// `train-head`: trains the configured head on the cached features.
 pub fn train_head(config: &Config) -> Result<RunOutcome> {
     let plan = Plan::new(config)?;
-    let store = FeatureStore::new(&config.extract.out);
-    let set = store.load()?;
-    if set.manifest.key != plan.key {
-        return Err(Error::Cache {
-            path: store.dir.clone(),
-            message: format!(
-                "made from other inputs than the config names ({} differ): run `cargo run -p extract` to rebuild it",
-                set.manifest.key.differences(&plan.key).join(", ")
-            ),
-        });
-    }
+    let set = load_features(config, &plan)?;
     let split = split_dataset(config, &plan.dataset, &plan.hashes)?;
     // Feature rows on each side (rows of skipped images are simply absent).
     let side = |rows: &[usize]| -> Vec<usize> {
@@ -182,7 +171,7 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
     let device = training_device(config)?;
     let h = &config.head;
     let mut rng = Rng::new(config.split.seed).fork(INIT_STREAM);
-    let dim = set.manifest.dim;
+    let dim = set.key.dim;
     let classes = plan.dataset.classes.clone();
     // Scaling is fitted on the training rows only, then applied to every row once.
     let raw = set.features.to_device(&device)?;
@@ -200,7 +189,7 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
     };
     let run = RunDir::create(&config.output.runs, &format!("head-{kind}"))?;
     run.write_config(config)?;
-    run.write_json("cache_key.json", &set.manifest.key)?;
+    run.write_json("cache_key.json", &set.key)?;
     let shape = HeadShape::new(h.kind, dim, classes.len(), h.dropout);
     let spec = RunSpec {
         run: &run,

@@ -131,7 +131,12 @@ pub fn write_dataset(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
     for i in 0..n {
         let name = format!("img{i:03}.png");
         let img = image::RgbImage::from_fn(40, 30, |x, y| {
-            image::Rgb([(x * 6 + i as u32 * 17) as u8, (y * 8) as u8, (i * 40) as u8])
+            // The green offset keeps images past the 256th distinct from the first ones.
+            image::Rgb([
+                (x * 6 + i as u32 * 17) as u8,
+                (y * 8 + (i / 256) as u32) as u8,
+                (i * 40) as u8,
+            ])
         });
         img.save(images.join(&name)).expect("save png");
         let label = if i % 3 == 0 { "ambulance" } else { "car" };
