@@ -1,0 +1,575 @@
+//! f32 convolution kernels over one NHWC image, for the CPU backbones that candle's CPU ops serve
+//! badly (EfficientNet-Lite0; any depthwise/pointwise network).
+//!
+//! candle's CPU `conv2d` with `groups = channels` runs one tiny convolution per channel (1152 of
+//! them in a Lite0 layer) and its 1x1 convolutions go through im2col; these kernels instead work
+//! on plain slices in H,W,C order, so the channels of one pixel are contiguous and every inner
+//! loop runs over channels (vectorised, with AVX-512 or AVX2+FMA when the CPU has them, checked
+//! at run time), with the (folded) bias, the activation and an optional residual fused in:
+//! - [`depthwise`]: `k x k` per-channel convolution, any stride and padding ([`Geometry`]);
+//! - [`pointwise`]: 1x1 convolution as a GEMM (the `gemm` crate) over a block of pixels;
+//! - [`dense`]: a full `k x k` convolution for few input channels (a network's stem).
+//!
+//! Each kernel computes a range of output rows (or pixels), so a caller can spread one image
+//! over threads with [`for_each_rows`], or run whole images in parallel and each one serially.
+//! Every output value is computed by the same arithmetic whichever way the work is cut, so an
+//! image's result does not depend on the batch it is in or on the number of threads.
+
+use rayon::prelude::*;
+
+/// The nonlinearity applied after the bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// None (a projection before a residual sum).
+    Identity,
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, 0), 6)` (MobileNet / EfficientNet-Lite).
+    Relu6,
+}
+
+impl Activation {
+    /// `out[j] = act(acc[j])`. The match sits outside the loop so each arm vectorises.
+    #[inline(always)]
+    fn store(self, acc: &[f32], out: &mut [f32]) {
+        match self {
+            Self::Identity => out.copy_from_slice(acc),
+            Self::Relu => {
+                for (o, a) in out.iter_mut().zip(acc) {
+                    *o = a.max(0.0);
+                }
+            }
+            Self::Relu6 => {
+                for (o, a) in out.iter_mut().zip(acc) {
+                    *o = a.clamp(0.0, 6.0);
+                }
+            }
+        }
+    }
+
+    /// `v = act(v)` in place.
+    #[inline(always)]
+    fn apply_in_place(self, v: &mut [f32]) {
+        match self {
+            Self::Identity => {}
+            Self::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
+            Self::Relu6 => v.iter_mut().for_each(|x| *x = x.clamp(0.0, 6.0)),
+        }
+    }
+}
+
+/// Spatial geometry of one convolution: input size, square kernel, stride, the padding before
+/// the first row and column, and the output size. Padding after the last row/column is implied
+/// (positions outside the input read as zero), so asymmetric padding needs nothing special.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl Geometry {
+    /// TensorFlow's "SAME" padding: output `ceil(in / stride)`, total padding
+    /// `max((out - 1) * stride + k - in, 0)` split with the odd one at the bottom/right (so a
+    /// 3x3 stride-2 conv on an even input pads only after).
+    ///
+    /// # Panics
+    /// If `k` or `stride` is zero.
+    pub fn same(h: usize, w: usize, k: usize, stride: usize) -> Self {
+        assert!(k > 0 && stride > 0, "kernel and stride must be positive");
+        let dim = |n: usize| {
+            let out = n.div_ceil(stride);
+            let total = ((out.max(1) - 1) * stride + k).saturating_sub(n);
+            (out, total / 2)
+        };
+        let (oh, pad_top) = dim(h);
+        let (ow, pad_left) = dim(w);
+        Self {
+            h,
+            w,
+            k,
+            stride,
+            pad_top,
+            pad_left,
+            oh,
+            ow,
+        }
+    }
+
+    /// PyTorch's symmetric `padding = pad`: output `(in + 2 pad - k) / stride + 1`, or `None`
+    /// when the kernel does not fit.
+    pub fn symmetric(h: usize, w: usize, k: usize, stride: usize, pad: usize) -> Option<Self> {
+        if k == 0 || stride == 0 || h + 2 * pad < k || w + 2 * pad < k {
+            return None;
+        }
+        Some(Self {
+            h,
+            w,
+            k,
+            stride,
+            pad_top: pad,
+            pad_left: pad,
+            oh: (h + 2 * pad - k) / stride + 1,
+            ow: (w + 2 * pad - k) / stride + 1,
+        })
+    }
+
+    /// Padding after the last row and column that the output reads: `(bottom, right)`. With
+    /// [`Geometry::pad_top`] / [`Geometry::pad_left`] this is what an explicit pad before a
+    /// padding-free convolution needs (candle's engine).
+    pub fn pad_after(&self) -> (usize, usize) {
+        let after = |out: usize, n: usize, before: usize| {
+            ((out.max(1) - 1) * self.stride + self.k).saturating_sub(n + before)
+        };
+        (
+            after(self.oh, self.h, self.pad_top),
+            after(self.ow, self.w, self.pad_left),
+        )
+    }
+
+    /// The kernel taps `[first, end)` of output position `o` that fall inside an input of
+    /// length `n` (the others read padding).
+    #[inline(always)]
+    fn taps(&self, o: usize, pad: usize, n: usize) -> (usize, usize) {
+        let start = o * self.stride; // input position of tap 0, plus `pad`
+        let first = pad.saturating_sub(start);
+        let end = (n + pad).saturating_sub(start).min(self.k);
+        (first, end.max(first))
+    }
+}
+
+/// Runs `f(first_row, rows)` over consecutive chunks of `rows_per_task` rows of `out` (rows of
+/// `row_len` values), spread over the rayon pool when `parallel`, in order otherwise.
+pub fn for_each_rows<F>(out: &mut [f32], row_len: usize, rows_per_task: usize, parallel: bool, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Send + Sync,
+{
+    let rows_per_task = rows_per_task.max(1);
+    let chunk = row_len * rows_per_task;
+    if chunk == 0 {
+        return;
+    }
+    if parallel {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, rows)| f(i * rows_per_task, rows));
+    } else {
+        for (i, rows) in out.chunks_mut(chunk).enumerate() {
+            f(i * rows_per_task, rows);
+        }
+    }
+}
+
+/// Which vector instructions the kernels may use (checked once per call; the check is a cached
+/// atomic load).
+#[derive(Clone, Copy)]
+enum Simd {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+fn simd() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Simd::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Simd::Avx2;
+        }
+    }
+    Simd::Portable
+}
+
+/// `a * b + c`, fused when the caller was compiled with FMA (the portable build has no fast
+/// `mul_add`).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Depthwise `k x k` convolution of an `h x w x c` image, + bias, + activation, for output rows
+/// `oy0 ..` (as many as `out` holds, `ow * c` values each).
+///
+/// `weight` is `[k][k][c]` (tap-major, so a tap's channels are contiguous), `bias` is `[c]`.
+///
+/// # Panics
+/// If a length disagrees with the geometry (a programming error, not bad input).
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise(
+    input: &[f32],
+    c: usize,
+    g: &Geometry,
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+    oy0: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(input.len(), g.h * g.w * c, "depthwise: input length");
+    assert_eq!(weight.len(), g.k * g.k * c, "depthwise: weight length");
+    assert_eq!(bias.len(), c, "depthwise: bias length");
+    let row_len = g.ow * c;
+    assert!(
+        row_len > 0 && out.len().is_multiple_of(row_len) && oy0 + out.len() / row_len <= g.oh,
+        "depthwise: output rows"
+    );
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F (checked by `simd`); the body is safe code.
+        Simd::Avx512 => unsafe { depthwise_avx512(input, c, g, weight, bias, act, oy0, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (checked by `simd`); the body is safe code.
+        Simd::Avx2 => unsafe { depthwise_avx2(input, c, g, weight, bias, act, oy0, out) },
+        _ => depthwise_body::<false>(input, c, g, weight, bias, act, oy0, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn depthwise_avx512(
+    input: &[f32],
+    c: usize,
+    g: &Geometry,
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+    oy0: usize,
+    out: &mut [f32],
+) {
+    depthwise_body::<true>(input, c, g, weight, bias, act, oy0, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn depthwise_avx2(
+    input: &[f32],
+    c: usize,
+    g: &Geometry,
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+    oy0: usize,
+    out: &mut [f32],
+) {
+    depthwise_body::<true>(input, c, g, weight, bias, act, oy0, out)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_body<const FMA: bool>(
+    input: &[f32],
+    c: usize,
+    g: &Geometry,
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+    oy0: usize,
+    out: &mut [f32],
+) {
+    for (r, out_row) in out.chunks_exact_mut(g.ow * c).enumerate() {
+        let oy = oy0 + r;
+        let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
+        for (ox, o) in out_row.chunks_exact_mut(c).enumerate() {
+            let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+            let pixel = Taps {
+                input,
+                weight,
+                c,
+                w: g.w,
+                k: g.k,
+                iy0: oy * g.stride + ky0 - g.pad_top,
+                ix0: ox * g.stride + kx0 - g.pad_left,
+                ky: (ky0, ky1),
+                kx: (kx0, kx1),
+            };
+            // Channels in blocks whose accumulators stay in registers across all taps.
+            let mut c0 = 0;
+            while c0 + 32 <= c {
+                pixel.block::<32, FMA>(c0, bias, act, o);
+                c0 += 32;
+            }
+            while c0 + 8 <= c {
+                pixel.block::<8, FMA>(c0, bias, act, o);
+                c0 += 8;
+            }
+            while c0 < c {
+                pixel.block::<1, FMA>(c0, bias, act, o);
+                c0 += 1;
+            }
+        }
+    }
+}
+
+/// The valid taps of one depthwise output pixel.
+struct Taps<'a> {
+    input: &'a [f32],
+    weight: &'a [f32],
+    c: usize,
+    w: usize,
+    k: usize,
+    /// Input row and column of the first valid tap.
+    iy0: usize,
+    ix0: usize,
+    ky: (usize, usize),
+    kx: (usize, usize),
+}
+
+impl Taps<'_> {
+    /// Channels `c0 .. c0 + B` of the pixel into `o`.
+    #[inline(always)]
+    fn block<const B: usize, const FMA: bool>(
+        &self,
+        c0: usize,
+        bias: &[f32],
+        act: Activation,
+        o: &mut [f32],
+    ) {
+        let mut acc = [0.0f32; B];
+        acc.copy_from_slice(&bias[c0..c0 + B]);
+        for (dy, ky) in (self.ky.0..self.ky.1).enumerate() {
+            let row = (self.iy0 + dy) * self.w;
+            for (dx, kx) in (self.kx.0..self.kx.1).enumerate() {
+                let src = &self.input[(row + self.ix0 + dx) * self.c + c0..][..B];
+                let wt = &self.weight[(ky * self.k + kx) * self.c + c0..][..B];
+                for j in 0..B {
+                    acc[j] = madd::<FMA>(src[j], wt[j], acc[j]);
+                }
+            }
+        }
+        act.store(&acc, &mut o[c0..c0 + B]);
+    }
+}
+
+/// 1x1 convolution of `m` pixels: `out[m][cout] = act(input[m][cin] . weight[cin][cout] + bias
+/// (+ residual[m][cout]))`. `m` is `input.len() / cin`; call it on blocks of pixels (a few
+/// hundred) so the block's output is still in cache when bias, residual and activation are added.
+///
+/// # Panics
+/// If a length disagrees (a programming error, not bad input).
+pub fn pointwise(
+    input: &[f32],
+    cin: usize,
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let cout = bias.len();
+    assert!(cin > 0 && cout > 0, "pointwise: empty channels");
+    assert!(
+        input.len().is_multiple_of(cin),
+        "pointwise: input length {} is not a multiple of {cin}",
+        input.len()
+    );
+    let m = input.len() / cin;
+    assert_eq!(weight.len(), cin * cout, "pointwise: weight length");
+    assert_eq!(out.len(), m * cout, "pointwise: output length");
+    if let Some(r) = residual {
+        assert_eq!(r.len(), out.len(), "pointwise: residual length");
+    }
+    if m == 0 {
+        return;
+    }
+    // SAFETY: `out` is m x cout row-major (row stride cout), `input` m x cin (row stride cin),
+    // `weight` cin x cout (row stride cout); the lengths were checked above, so every element
+    // the GEMM touches is inside its slice, and `out` does not alias the inputs (&mut).
+    unsafe {
+        gemm::gemm(
+            m,
+            cout,
+            cin,
+            out.as_mut_ptr(),
+            1,
+            cout as isize,
+            false,
+            input.as_ptr(),
+            1,
+            cin as isize,
+            weight.as_ptr(),
+            1,
+            cout as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    for (i, row) in out.chunks_exact_mut(cout).enumerate() {
+        for (o, b) in row.iter_mut().zip(bias) {
+            *o += b;
+        }
+        if let Some(r) = residual {
+            for (o, x) in row.iter_mut().zip(&r[i * cout..(i + 1) * cout]) {
+                *o += x;
+            }
+        }
+        act.apply_in_place(row);
+    }
+}
+
+/// Full `k x k` convolution of an `h x w x cin` image, + bias, + activation, for output rows
+/// `oy0 ..` (as many as `out` holds, `ow * cout` values each). Meant for a stem (few input
+/// channels): each output pixel accumulates `k * k * cin` broadcast-multiplies of a weight row.
+///
+/// `weight` is `[k][k][cin][cout]`, `bias` is `[cout]`.
+///
+/// # Panics
+/// If a length disagrees with the geometry (a programming error, not bad input).
+#[allow(clippy::too_many_arguments)]
+pub fn dense(
+    input: &[f32],
+    cin: usize,
+    g: &Geometry,
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+    oy0: usize,
+    out: &mut [f32],
+) {
+    let cout = bias.len();
+    assert_eq!(input.len(), g.h * g.w * cin, "dense: input length");
+    assert_eq!(weight.len(), g.k * g.k * cin * cout, "dense: weight length");
+    let row_len = g.ow * cout;
+    assert!(
+        row_len > 0 && out.len().is_multiple_of(row_len) && oy0 + out.len() / row_len <= g.oh,
+        "dense: output rows"
+    );
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F (checked by `simd`); the body is safe code.
+        Simd::Avx512 => unsafe { dense_avx512(input, cin, g, weight, bias, act, oy0, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (checked by `simd`); the body is safe code.
+        Simd::Avx2 => unsafe { dense_avx2(input, cin, g, weight, bias, act, oy0, out) },
+        _ => dense_body::<false>(input, cin, g, weight, bias, act, oy0, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dense_avx512(
+    input: &[f32],
+    cin: usize,
+    g: &Geometry,
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+    oy0: usize,
+    out: &mut [f32],
+) {
+    dense_body::<true>(input, cin, g, weight, bias, act, oy0, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dense_avx2(
+    input: &[f32],
+    cin: usize,
+    g: &Geometry,
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+    oy0: usize,
+    out: &mut [f32],
+) {
+    dense_body::<true>(input, cin, g, weight, bias, act, oy0, out)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dense_body<const FMA: bool>(
+    input: &[f32],
+    cin: usize,
+    g: &Geometry,
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+    oy0: usize,
+    out: &mut [f32],
+) {
+    let cout = bias.len();
+    for (r, out_row) in out.chunks_exact_mut(g.ow * cout).enumerate() {
+        let oy = oy0 + r;
+        let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
+        for (ox, o) in out_row.chunks_exact_mut(cout).enumerate() {
+            let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+            o.copy_from_slice(bias);
+            for ky in ky0..ky1 {
+                let iy = oy * g.stride + ky - g.pad_top;
+                for kx in kx0..kx1 {
+                    let ix = ox * g.stride + kx - g.pad_left;
+                    let src = &input[(iy * g.w + ix) * cin..][..cin];
+                    let taps = &weight[(ky * g.k + kx) * cin * cout..][..cin * cout];
+                    for (x, wrow) in src.iter().zip(taps.chunks_exact(cout)) {
+                        for (acc, wv) in o.iter_mut().zip(wrow) {
+                            *acc = madd::<FMA>(*x, *wv, *acc);
+                        }
+                    }
+                }
+            }
+            act.apply_in_place(o);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_padding_matches_tensorflow() {
+        // 224, 3x3, stride 2: 112 out, the one padding row/column after (TF), not before.
+        let g = Geometry::same(224, 224, 3, 2);
+        assert_eq!((g.oh, g.pad_top, g.pad_after().0), (112, 0, 1));
+        // 56, 5x5, stride 2: 28 out, total 3 split 1 before, 2 after.
+        let g = Geometry::same(56, 56, 5, 2);
+        assert_eq!((g.oh, g.pad_top, g.pad_after().0), (28, 1, 2));
+        // Odd input, 3x3 stride 2: 7 -> 4, total 2, symmetric.
+        let g = Geometry::same(7, 7, 3, 2);
+        assert_eq!((g.oh, g.pad_top, g.pad_after().0), (4, 1, 1));
+        // Stride 1 keeps the size and pads (k - 1) / 2 each side.
+        let g = Geometry::same(14, 9, 5, 1);
+        assert_eq!((g.oh, g.ow, g.pad_top, g.pad_left), (14, 9, 2, 2));
+        assert_eq!(g.pad_after(), (2, 2));
+        // 1x1 input, 5x5 stride 2: one output, padded 2 each side.
+        let g = Geometry::same(1, 1, 5, 2);
+        assert_eq!((g.oh, g.pad_top, g.pad_after().0), (1, 2, 2));
+    }
+
+    #[test]
+    fn taps_skip_the_padding() {
+        let g = Geometry::same(224, 224, 3, 2);
+        assert_eq!(g.taps(0, 0, 224), (0, 3));
+        // The last output's third tap is the padding row 224.
+        assert_eq!(g.taps(111, 0, 224), (0, 2));
+        let g = Geometry::same(5, 5, 5, 1);
+        assert_eq!(g.taps(0, 2, 5), (2, 5));
+        assert_eq!(g.taps(4, 2, 5), (0, 3));
+    }
+
+    #[test]
+    fn symmetric_padding_is_pytorchs() {
+        let g = Geometry::symmetric(10, 7, 3, 2, 1).expect("fits");
+        assert_eq!((g.oh, g.ow), (5, 4));
+        assert!(Geometry::symmetric(2, 2, 5, 1, 1).is_none());
+    }
+}
