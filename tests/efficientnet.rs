@@ -483,7 +483,15 @@ fn depthwise_kernel_with_symmetric_padding_matches_candle() {
 #[test]
 fn pointwise_kernel_matches_candle_matmul() {
     let mut rng = Lcg(3);
-    for (m, cin, cout) in [(1, 1, 1), (37, 19, 23), (300, 32, 96), (49, 320, 1280)] {
+    for (m, cin, cout) in [
+        (1, 1, 1),
+        (37, 19, 23),
+        (7, 5, 40),
+        (300, 32, 96),
+        (13, 144, 24),
+        (49, 320, 1280),
+        (20, 16, 113),
+    ] {
         let x = rng.vec(m * cin, -1.0, 1.0);
         let wt = rng.vec(cin * cout, -0.5, 0.5);
         let bias = rng.vec(cout, -0.5, 0.5);
@@ -502,14 +510,23 @@ fn pointwise_kernel_matches_candle_matmul() {
                 .enumerate()
                 .map(|(i, p)| activate(p + bias[i % cout] + residual.map_or(0.0, |r| r[i]), act))
                 .collect();
-            let mut got = vec![f32::NAN; m * cout];
-            nhwc::pointwise(&x, cin, &wt, &bias, act, residual.map(|r| &r[..]), &mut got);
-            let err = testkit::max_relative_error(&got, &want);
-            assert!(
-                err <= 1e-5,
-                "pointwise {m}x{cin}x{cout} {act:?} residual {}: {err:e}",
-                residual.is_some()
-            );
+            // The CPU's own layout (packed for AVX-512 where it has it) and the gemm fallback.
+            for (layout, w) in [
+                ("native", nhwc::PointwiseWeights::new(cin, &wt, &bias)),
+                (
+                    "portable",
+                    nhwc::PointwiseWeights::portable(cin, &wt, &bias),
+                ),
+            ] {
+                let mut got = vec![f32::NAN; m * cout];
+                nhwc::pointwise(&x, &w, act, residual.map(|r| &r[..]), &mut got);
+                let err = testkit::max_relative_error(&got, &want);
+                assert!(
+                    err <= 1e-5,
+                    "pointwise {layout} {m}x{cin}x{cout} {act:?} residual {}: {err:e}",
+                    residual.is_some()
+                );
+            }
         }
     }
 }

@@ -258,72 +258,61 @@ impl Params {
     }
 }
 
-/// A 1x1 convolution in [`nhwc::pointwise`]'s layout.
-struct Pointwise {
-    cin: usize,
-    weight: Vec<f32>,
-    bias: Vec<f32>,
+/// A 1x1 convolution for [`nhwc::pointwise`].
+fn pointwise_weights(c: &FoldedConv) -> nhwc::PointwiseWeights {
+    nhwc::PointwiseWeights::new(c.cin_per_group, &c.taps_major(), &c.bias)
 }
 
-impl Pointwise {
-    fn new(c: &FoldedConv) -> Self {
-        Self {
-            cin: c.cin_per_group,
-            weight: c.taps_major(),
-            bias: c.bias.clone(),
-        }
-    }
-
-    fn cout(&self) -> usize {
-        self.bias.len()
-    }
-
-    /// `out = act(input . W + b (+ residual))` over `pixels` pixels, in blocks of [`PIXELS`].
-    fn run(
-        &self,
-        input: &[f32],
-        act: Activation,
-        residual: Option<&[f32]>,
-        out: &mut [f32],
-        parallel: bool,
-    ) {
-        let (cin, cout) = (self.cin, self.cout());
-        nhwc::for_each_rows(out, cout, PIXELS, parallel, |p0, o| {
-            let n = o.len() / cout;
-            nhwc::pointwise(
-                &input[p0 * cin..(p0 + n) * cin],
-                cin,
-                &self.weight,
-                &self.bias,
-                act,
-                residual.map(|r| &r[p0 * cout..(p0 + n) * cout]),
-                o,
-            );
-        });
-    }
+/// `out = act(input . W + b (+ residual))` over all pixels, in blocks of [`pixels_per_task`].
+fn run_pointwise(
+    w: &nhwc::PointwiseWeights,
+    input: &[f32],
+    act: Activation,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+    parallel: bool,
+) {
+    let (cin, cout) = (w.cin(), w.cout());
+    nhwc::for_each_rows(out, cout, pixels_per_task(cin), parallel, |p0, o| {
+        let n = o.len() / cout;
+        nhwc::pointwise(
+            &input[p0 * cin..(p0 + n) * cin],
+            w,
+            act,
+            residual.map(|r| &r[p0 * cout..(p0 + n) * cout]),
+            o,
+        );
+    });
 }
 
-/// Pixels per 1x1-convolution block: the block's output (at most 256 x 1280 floats) stays in L2
-/// while bias, residual and ReLU6 are added. Fixed, so results do not depend on threading.
-const PIXELS: usize = 256;
+/// Pixels per 1x1-convolution task: about 128 KB of input, which stays in L2 while the kernel
+/// passes over it once per 64 output channels (and the `gemm` fallback's block of output is
+/// still in cache for its bias/activation pass). It depends on `cin` alone, never on the
+/// threads, so results do not either.
+fn pixels_per_task(cin: usize) -> usize {
+    (32_768 / cin.max(1)).clamp(24, 1024)
+}
 
 /// A block on the CPU engine.
 struct CpuBlock {
     spec: BlockSpec,
-    expand: Option<Pointwise>,
+    expand: Option<nhwc::PointwiseWeights>,
     /// `[k][k][mid]`.
     depthwise: Vec<f32>,
     depthwise_bias: Vec<f32>,
-    project: Pointwise,
+    project: nhwc::PointwiseWeights,
 }
 
 /// The CPU engine: folded weights in the NHWC kernels' layouts.
 struct CpuNet {
+    /// Activation buffers of finished tasks, reused by the next ones (and the next batch):
+    /// fresh buffers of this size would be fresh pages, and page faults cost ~10%.
+    scratch: std::sync::Mutex<Vec<Scratch>>,
     /// `[3][3][3][32]`.
     stem: Vec<f32>,
     stem_bias: Vec<f32>,
     blocks: Vec<CpuBlock>,
-    head: Pointwise,
+    head: nhwc::PointwiseWeights,
 }
 
 /// One worker's activation buffers, grown to the largest layer and reused across images.
@@ -345,6 +334,7 @@ fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 impl CpuNet {
     fn new(p: &Params) -> Self {
         Self {
+            scratch: std::sync::Mutex::new(Vec::new()),
             stem: p.stem.taps_major(),
             stem_bias: p.stem.bias.clone(),
             blocks: p
@@ -352,13 +342,13 @@ impl CpuNet {
                 .iter()
                 .map(|(spec, e, d, pr)| CpuBlock {
                     spec: *spec,
-                    expand: e.as_ref().map(Pointwise::new),
+                    expand: e.as_ref().map(pointwise_weights),
                     depthwise: d.taps_major(),
                     depthwise_bias: d.bias.clone(),
-                    project: Pointwise::new(pr),
+                    project: pointwise_weights(pr),
                 })
                 .collect(),
-            head: Pointwise::new(&p.head),
+            head: pointwise_weights(&p.head),
         }
     }
 
@@ -369,18 +359,32 @@ impl CpuNet {
         if b >= rayon::current_num_threads() {
             x.par_chunks_exact(per_image)
                 .zip(out.par_chunks_exact_mut(FEATURE_DIM))
-                .for_each_init(Scratch::default, |s, (img, o)| {
-                    self.image(img, h, w, s, false, o)
+                .for_each(|(img, o)| {
+                    let mut s = self.take_scratch();
+                    self.image(img, h, w, &mut s, false, o);
+                    self.return_scratch(s);
                 });
         } else {
-            let mut s = Scratch::default();
+            let mut s = self.take_scratch();
             for (img, o) in x
                 .chunks_exact(per_image)
                 .zip(out.chunks_exact_mut(FEATURE_DIM))
             {
                 self.image(img, h, w, &mut s, true, o);
             }
+            self.return_scratch(s);
         }
+    }
+
+    fn take_scratch(&self) -> Scratch {
+        // A poisoned pool only means another task panicked; its buffers are still buffers.
+        let mut pool = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        pool.pop().unwrap_or_default()
+    }
+
+    fn return_scratch(&self, s: Scratch) {
+        let mut pool = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        pool.push(s);
     }
 
     /// One image, CHW in, pooled features out.
@@ -422,7 +426,14 @@ impl CpuNet {
             let mid_in: &[f32] = match &blk.expand {
                 Some(e) => {
                     let out = sized(&mut s.expanded, h * w * spec.mid);
-                    e.run(&s.x[..h * w * spec.cin], Activation::Relu6, None, out, par);
+                    run_pointwise(
+                        e,
+                        &s.x[..h * w * spec.cin],
+                        Activation::Relu6,
+                        None,
+                        out,
+                        par,
+                    );
                     &s.expanded[..h * w * spec.mid]
                 }
                 None => &s.x[..h * w * spec.cin],
@@ -444,7 +455,8 @@ impl CpuNet {
             });
             let y = sized(&mut s.y, g.oh * g.ow * spec.cout);
             let residual = spec.residual().then(|| &s.x[..h * w * spec.cin]);
-            blk.project.run(
+            run_pointwise(
+                &blk.project,
                 &s.depthwise[..g.oh * g.ow * spec.mid],
                 Activation::Identity,
                 residual,
@@ -456,7 +468,8 @@ impl CpuNet {
         }
         let n = h * w * FEATURE_DIM;
         let features = sized(&mut s.expanded, n);
-        self.head.run(
+        run_pointwise(
+            &self.head,
             &s.x[..h * w * head_in()],
             Activation::Relu6,
             None,

@@ -354,30 +354,119 @@ impl Taps<'_> {
     }
 }
 
+/// A 1x1 convolution's weights and bias, laid out once (at load time) for [`pointwise`].
+#[derive(Debug, Clone)]
+pub struct PointwiseWeights {
+    cin: usize,
+    cout: usize,
+    bias: Vec<f32>,
+    layout: PointwiseLayout,
+}
+
+#[derive(Debug, Clone)]
+enum PointwiseLayout {
+    /// `[cin][cout]`, for the `gemm` crate.
+    Plain(Vec<f32>),
+    /// `[cout / 64 (rounded up)][cin][64]`, zero-padded, for the AVX-512 kernel; the bias
+    /// zero-padded to whole blocks alongside.
+    Packed { weight: Vec<f32>, bias: Vec<f32> },
+}
+
+/// Output channels per packed block of the AVX-512 1x1 kernel (4 registers of 16).
+const PW_BLOCK: usize = 64;
+
+impl PointwiseWeights {
+    /// From `weight` `[cin][cout]` and `bias` `[cout]`: packed for the AVX-512 kernel when the
+    /// CPU has AVX-512F, else kept for the `gemm` crate.
+    ///
+    /// # Panics
+    /// If the lengths disagree or a size is zero (a programming error).
+    pub fn new(cin: usize, weight: &[f32], bias: &[f32]) -> Self {
+        let w = Self::portable(cin, weight, bias);
+        if matches!(simd(), Simd::Avx512) {
+            w.packed()
+        } else {
+            w
+        }
+    }
+
+    /// The `gemm`-crate layout whatever the CPU (the fallback path; tests compare both).
+    ///
+    /// # Panics
+    /// If the lengths disagree or a size is zero (a programming error).
+    pub fn portable(cin: usize, weight: &[f32], bias: &[f32]) -> Self {
+        let cout = bias.len();
+        assert!(cin > 0 && cout > 0, "pointwise: empty channels");
+        assert_eq!(weight.len(), cin * cout, "pointwise: weight length");
+        Self {
+            cin,
+            cout,
+            bias: bias.to_vec(),
+            layout: PointwiseLayout::Plain(weight.to_vec()),
+        }
+    }
+
+    /// Input channels.
+    pub fn cin(&self) -> usize {
+        self.cin
+    }
+
+    /// Output channels.
+    pub fn cout(&self) -> usize {
+        self.cout
+    }
+
+    /// Repacked into 64-channel blocks (from the plain layout).
+    fn packed(self) -> Self {
+        let PointwiseLayout::Plain(plain) = &self.layout else {
+            return self;
+        };
+        let (cin, cout) = (self.cin, self.cout);
+        let blocks = cout.div_ceil(PW_BLOCK);
+        let mut weight = vec![0.0f32; blocks * cin * PW_BLOCK];
+        for b in 0..blocks {
+            let (c0, n) = (b * PW_BLOCK, PW_BLOCK.min(cout - b * PW_BLOCK));
+            for k in 0..cin {
+                let dst = (b * cin + k) * PW_BLOCK;
+                weight[dst..dst + n].copy_from_slice(&plain[k * cout + c0..k * cout + c0 + n]);
+            }
+        }
+        let mut bias = vec![0.0f32; blocks * PW_BLOCK];
+        bias[..cout].copy_from_slice(&self.bias);
+        Self {
+            layout: PointwiseLayout::Packed { weight, bias },
+            ..self
+        }
+    }
+}
+
 /// 1x1 convolution of `m` pixels: `out[m][cout] = act(input[m][cin] . weight[cin][cout] + bias
-/// (+ residual[m][cout]))`. `m` is `input.len() / cin`; call it on blocks of pixels (a few
-/// hundred) so the block's output is still in cache when bias, residual and activation are added.
+/// (+ residual[m][cout]))`, `m = input.len() / cin`.
+///
+/// With AVX-512 ([`PointwiseWeights::new`] packed the weights) a register-tiled kernel reads
+/// the NHWC rows as they are (6 pixels x 64 channels per tile, all `cin` terms accumulated in
+/// registers, bias, residual and activation added before the one store); otherwise the `gemm`
+/// crate computes the product and a second pass adds the rest (call it on blocks of a few
+/// hundred pixels so the block is still in cache). Either way each output value's sum runs
+/// over `cin` in order, whatever `m` is.
 ///
 /// # Panics
-/// If a length disagrees (a programming error, not bad input).
+/// If a length disagrees (a programming error, not bad input), or if packed weights are used
+/// on a CPU without AVX-512F.
 pub fn pointwise(
     input: &[f32],
-    cin: usize,
-    weight: &[f32],
-    bias: &[f32],
+    w: &PointwiseWeights,
     act: Activation,
     residual: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    let cout = bias.len();
-    assert!(cin > 0 && cout > 0, "pointwise: empty channels");
+    let (cin, cout) = (w.cin, w.cout);
     assert!(
         input.len().is_multiple_of(cin),
         "pointwise: input length {} is not a multiple of {cin}",
         input.len()
     );
     let m = input.len() / cin;
-    assert_eq!(weight.len(), cin * cout, "pointwise: weight length");
     assert_eq!(out.len(), m * cout, "pointwise: output length");
     if let Some(r) = residual {
         assert_eq!(r.len(), out.len(), "pointwise: residual length");
@@ -385,8 +474,41 @@ pub fn pointwise(
     if m == 0 {
         return;
     }
+    match &w.layout {
+        PointwiseLayout::Plain(weight) => {
+            pointwise_gemm(input, m, cin, cout, weight, &w.bias, act, residual, out)
+        }
+        PointwiseLayout::Packed { weight, bias } => {
+            assert!(
+                matches!(simd(), Simd::Avx512),
+                "pointwise: packed weights need AVX-512F"
+            );
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512F is present (asserted above); the lengths checked above and by
+            // `PointwiseWeights::packed` (weight `blocks * cin * 64`, bias `blocks * 64`) bound
+            // every access the kernel makes (see `pw512`).
+            unsafe {
+                pw512::pointwise(input, m, cin, cout, weight, bias, act, residual, out)
+            }
+        }
+    }
+}
+
+/// The portable 1x1 path: the `gemm` crate, then bias, residual and activation.
+#[allow(clippy::too_many_arguments)]
+fn pointwise_gemm(
+    input: &[f32],
+    m: usize,
+    cin: usize,
+    cout: usize,
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+) {
     // SAFETY: `out` is m x cout row-major (row stride cout), `input` m x cin (row stride cin),
-    // `weight` cin x cout (row stride cout); the lengths were checked above, so every element
+    // `weight` cin x cout (row stride cout); the caller checked the lengths, so every element
     // the GEMM touches is inside its slice, and `out` does not alias the inputs (&mut).
     unsafe {
         gemm::gemm(
@@ -421,6 +543,167 @@ pub fn pointwise(
             }
         }
         act.apply_in_place(row);
+    }
+}
+
+/// The AVX-512 1x1 kernel over [`PointwiseWeights::packed`] weights.
+#[cfg(target_arch = "x86_64")]
+mod pw512 {
+    use std::arch::x86_64::*;
+
+    use super::{Activation, PW_BLOCK};
+
+    /// Pixels per register tile: 6 x 4 accumulators + 4 weight registers + 1 broadcast fit in
+    /// the 32 zmm registers.
+    const ROWS: usize = 6;
+
+    /// # Safety
+    /// AVX-512F must be available; `input` is `m * cin`, `out` (and `residual`) `m * cout`,
+    /// `weight` `cout.div_ceil(64) * cin * 64`, `bias` `cout.div_ceil(64) * 64` values.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn pointwise(
+        input: &[f32],
+        m: usize,
+        cin: usize,
+        cout: usize,
+        weight: &[f32],
+        bias: &[f32],
+        act: Activation,
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let blocks = cout.div_ceil(PW_BLOCK);
+        assert!(input.len() >= m * cin && out.len() >= m * cout);
+        assert!(weight.len() >= blocks * cin * PW_BLOCK && bias.len() >= blocks * PW_BLOCK);
+        let t = Tile {
+            input: input.as_ptr(),
+            cin,
+            cout,
+            residual: residual.map(<[f32]>::as_ptr),
+            out: out.as_mut_ptr(),
+            act,
+        };
+        // One 64-channel block at a time: its weights (cin x 64 floats, at most 295 KB at
+        // cin = 1152) stay in L2 while every pixel of the call passes under them.
+        for b in 0..blocks {
+            let c0 = b * PW_BLOCK;
+            let valid = (cout - c0).min(PW_BLOCK);
+            let w = weight[b * cin * PW_BLOCK..].as_ptr();
+            let bias = bias[c0..].as_ptr();
+            // SAFETY (all arms): tiles read pixels < m, weight rows < cin of block b, and
+            // write channels c0 .. c0 + valid of those pixels; all inside the checked lengths.
+            match valid.div_ceil(16) {
+                1 => unsafe { t.rows::<1>(m, w, bias, c0, valid) },
+                2 => unsafe { t.rows::<2>(m, w, bias, c0, valid) },
+                3 => unsafe { t.rows::<3>(m, w, bias, c0, valid) },
+                _ => unsafe { t.rows::<4>(m, w, bias, c0, valid) },
+            }
+        }
+    }
+
+    /// What every tile of one call shares.
+    struct Tile {
+        input: *const f32,
+        cin: usize,
+        cout: usize,
+        residual: Option<*const f32>,
+        out: *mut f32,
+        act: Activation,
+    }
+
+    impl Tile {
+        /// All `m` pixels for one block of `NB * 16 >= valid` channels starting at `c0`.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn rows<const NB: usize>(
+            &self,
+            m: usize,
+            w: *const f32,
+            bias: *const f32,
+            c0: usize,
+            valid: usize,
+        ) {
+            let mut p = 0;
+            while p + ROWS <= m {
+                // SAFETY: forwarded; pixels p .. p + ROWS < m.
+                unsafe { self.tile::<NB, ROWS>(p, w, bias, c0, valid) };
+                p += ROWS;
+            }
+            while p < m {
+                // SAFETY: forwarded; pixel p < m.
+                unsafe { self.tile::<NB, 1>(p, w, bias, c0, valid) };
+                p += 1;
+            }
+        }
+
+        /// Pixels `p .. p + R`, channels `c0 .. c0 + min(valid, NB * 16)`.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn tile<const NB: usize, const R: usize>(
+            &self,
+            p: usize,
+            w: *const f32,
+            bias: *const f32,
+            c0: usize,
+            valid: usize,
+        ) {
+            // SAFETY: the caller guarantees the pixel and channel ranges (see `pointwise`).
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); NB]; R];
+                // Wrapping arithmetic throughout the inner loop: no overflow or precondition
+                // checks there even in the dev profile (every address is in bounds anyway).
+                // Constant-bound index loops, so LLVM unrolls them and keeps `acc` in registers.
+                let cin = self.cin;
+                let mut x = self.input.wrapping_add(p.wrapping_mul(cin));
+                let mut wk = w;
+                for _ in 0..cin {
+                    let mut wv = [_mm512_setzero_ps(); NB];
+                    #[allow(clippy::needless_range_loop)]
+                    for j in 0..NB {
+                        wv[j] = _mm512_loadu_ps(wk.wrapping_add(16 * j));
+                    }
+                    #[allow(clippy::needless_range_loop)]
+                    for r in 0..R {
+                        let xv = _mm512_set1_ps(*x.wrapping_add(r.wrapping_mul(cin)));
+                        for j in 0..NB {
+                            acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+                        }
+                    }
+                    x = x.wrapping_add(1);
+                    wk = wk.wrapping_add(PW_BLOCK);
+                }
+                let zero = _mm512_setzero_ps();
+                let six = _mm512_set1_ps(6.0);
+                for j in 0..NB {
+                    let lanes = valid.saturating_sub(16 * j).min(16);
+                    if lanes == 0 {
+                        continue;
+                    }
+                    let mask: __mmask16 = if lanes == 16 {
+                        0xffff
+                    } else {
+                        (1u16 << lanes) - 1
+                    };
+                    let b = _mm512_loadu_ps(bias.add(16 * j));
+                    for (r, row) in acc.iter().enumerate() {
+                        let o = (p + r) * self.cout + c0 + 16 * j;
+                        let mut v = _mm512_add_ps(row[j], b);
+                        if let Some(res) = self.residual {
+                            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, res.add(o)));
+                        }
+                        // max/min return their second operand when either is NaN: with the
+                        // value second, a NaN propagates (like `f32::clamp`).
+                        v = match self.act {
+                            Activation::Identity => v,
+                            Activation::Relu => _mm512_max_ps(zero, v),
+                            Activation::Relu6 => _mm512_min_ps(six, _mm512_max_ps(zero, v)),
+                        };
+                        _mm512_mask_storeu_ps(self.out.add(o), mask, v);
+                    }
+                }
+            }
+        }
     }
 }
 
