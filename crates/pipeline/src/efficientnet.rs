@@ -325,9 +325,12 @@ struct Scratch {
     y: Vec<f32>,
 }
 
-/// `v` resized to `n` values (contents unspecified: every kernel overwrites its output).
+/// The first `n` values of `v`, grown if needed (contents unspecified: every kernel overwrites
+/// its output). Never shrunk, so layers of alternating sizes do not refill it each time.
 fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    v.resize(n, 0.0);
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
     &mut v[..n]
 }
 

@@ -227,8 +227,8 @@ pub fn depthwise(
     );
     match simd() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX-512F (checked by `simd`); the body is safe code.
-        Simd::Avx512 => unsafe { depthwise_avx512(input, c, g, weight, bias, act, oy0, out) },
+        // SAFETY: the CPU has AVX-512F (checked by `simd`); the lengths were checked above.
+        Simd::Avx512 => unsafe { dw512::depthwise(input, c, g, weight, bias, act, oy0, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX2 and FMA (checked by `simd`); the body is safe code.
         Simd::Avx2 => unsafe { depthwise_avx2(input, c, g, weight, bias, act, oy0, out) },
@@ -236,20 +236,140 @@ pub fn depthwise(
     }
 }
 
+/// The AVX-512 depthwise kernel: per output pixel, 64 channels (4 registers) at a time
+/// accumulated over all valid taps, masked loads and stores for the channel tail.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn depthwise_avx512(
-    input: &[f32],
-    c: usize,
-    g: &Geometry,
-    weight: &[f32],
-    bias: &[f32],
-    act: Activation,
-    oy0: usize,
-    out: &mut [f32],
-) {
-    depthwise_body::<true>(input, c, g, weight, bias, act, oy0, out)
+mod dw512 {
+    use std::arch::x86_64::*;
+
+    use super::{Activation, Geometry};
+
+    /// # Safety
+    /// AVX-512F must be available, and the lengths must be those `super::depthwise` checks.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn depthwise(
+        input: &[f32],
+        c: usize,
+        g: &Geometry,
+        weight: &[f32],
+        bias: &[f32],
+        act: Activation,
+        oy0: usize,
+        out: &mut [f32],
+    ) {
+        let rows = out.len() / (g.ow * c);
+        for r in 0..rows {
+            let oy = oy0 + r;
+            let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
+            let iy0 = oy * g.stride + ky0 - g.pad_top;
+            for ox in 0..g.ow {
+                let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+                let ix0 = ox * g.stride + kx0 - g.pad_left;
+                // Offsets of the first valid tap; every tap stays inside `input` / `weight`,
+                // every channel block inside the pixel's `c` values (masked at the tail).
+                let px = Pixel {
+                    src: input[(iy0 * g.w + ix0) * c..].as_ptr(),
+                    wt: weight[(ky0 * g.k + kx0) * c..].as_ptr(),
+                    ny: ky1 - ky0,
+                    nx: kx1 - kx0,
+                    src_row: g.w * c,
+                    wt_row: g.k * c,
+                    c,
+                    bias: bias.as_ptr(),
+                    out: out[(r * g.ow + ox) * c..].as_mut_ptr(),
+                    act,
+                };
+                let mut c0 = 0;
+                while c0 + 64 <= c {
+                    // SAFETY: channels c0 .. c0 + 64 <= c of this pixel and its taps.
+                    unsafe { px.block::<4>(c0, 16) };
+                    c0 += 64;
+                }
+                let rest = c - c0;
+                // SAFETY: channels c0 .. c (the last register masked to its `rest % 16` lanes).
+                unsafe {
+                    match rest.div_ceil(16) {
+                        0 => {}
+                        1 => px.block::<1>(c0, rest),
+                        2 => px.block::<2>(c0, rest - 16),
+                        3 => px.block::<3>(c0, rest - 32),
+                        _ => px.block::<4>(c0, rest - 48),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One output pixel and its valid taps.
+    struct Pixel {
+        /// The first valid tap's input pixel, channel 0.
+        src: *const f32,
+        /// The first valid tap's weights, channel 0.
+        wt: *const f32,
+        ny: usize,
+        nx: usize,
+        /// Values per input row and per kernel row.
+        src_row: usize,
+        wt_row: usize,
+        c: usize,
+        bias: *const f32,
+        /// The output pixel, channel 0.
+        out: *mut f32,
+        act: Activation,
+    }
+
+    impl Pixel {
+        /// Channels `c0 .. c0 + 16 * (NB - 1) + last` (`1 <= last <= 16`).
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn block<const NB: usize>(&self, c0: usize, last: usize) {
+            let mut mask = [0xffffu16; NB];
+            mask[NB - 1] = if last >= 16 {
+                0xffff
+            } else {
+                (1u16 << last) - 1
+            };
+            // SAFETY: the caller guarantees the channel range; taps were clipped to the input.
+            // Wrapping pointer steps: no checks in the inner loop, even in the dev profile.
+            unsafe {
+                let mut acc = [_mm512_setzero_ps(); NB];
+                #[allow(clippy::needless_range_loop)]
+                for j in 0..NB {
+                    acc[j] = _mm512_maskz_loadu_ps(mask[j], self.bias.wrapping_add(c0 + 16 * j));
+                }
+                let mut src_row = self.src.wrapping_add(c0);
+                let mut wt_row = self.wt.wrapping_add(c0);
+                for _ in 0..self.ny {
+                    let (mut s, mut w) = (src_row, wt_row);
+                    for _ in 0..self.nx {
+                        #[allow(clippy::needless_range_loop)]
+                        for j in 0..NB {
+                            let x = _mm512_maskz_loadu_ps(mask[j], s.wrapping_add(16 * j));
+                            let k = _mm512_maskz_loadu_ps(mask[j], w.wrapping_add(16 * j));
+                            acc[j] = _mm512_fmadd_ps(x, k, acc[j]);
+                        }
+                        s = s.wrapping_add(self.c);
+                        w = w.wrapping_add(self.c);
+                    }
+                    src_row = src_row.wrapping_add(self.src_row);
+                    wt_row = wt_row.wrapping_add(self.wt_row);
+                }
+                let zero = _mm512_setzero_ps();
+                let six = _mm512_set1_ps(6.0);
+                #[allow(clippy::needless_range_loop)]
+                for j in 0..NB {
+                    // max/min return the second operand for a NaN: NaN propagates, as in clamp.
+                    let v = match self.act {
+                        Activation::Identity => acc[j],
+                        Activation::Relu => _mm512_max_ps(zero, acc[j]),
+                        Activation::Relu6 => _mm512_min_ps(six, _mm512_max_ps(zero, acc[j])),
+                    };
+                    _mm512_mask_storeu_ps(self.out.wrapping_add(c0 + 16 * j), mask[j], v);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -847,6 +967,49 @@ mod tests {
         let g = Geometry::same(5, 5, 5, 1);
         assert_eq!(g.taps(0, 2, 5), (2, 5));
         assert_eq!(g.taps(4, 2, 5), (0, 3));
+    }
+
+    /// The AVX-512 depthwise kernel and the portable body agree (when the CPU has AVX-512;
+    /// elsewhere only the portable body runs, and tests/efficientnet.rs checks it).
+    #[test]
+    fn avx512_depthwise_matches_the_portable_body() {
+        if !matches!(simd(), Simd::Avx512) {
+            eprintln!("avx512_depthwise_matches_the_portable_body: SKIPPED: no AVX-512F");
+            return;
+        }
+        let mut state = 1u64;
+        let mut rand = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        for (c, k, stride, h, w) in [
+            (1, 3, 1, 4, 5),
+            (17, 5, 2, 9, 8),
+            (80, 3, 2, 7, 7),
+            (144, 5, 1, 6, 3),
+        ] {
+            let g = Geometry::same(h, w, k, stride);
+            let (x, wt, b) = (rand(h * w * c), rand(k * k * c), rand(c));
+            for act in [Activation::Identity, Activation::Relu, Activation::Relu6] {
+                let mut fast = vec![f32::NAN; g.oh * g.ow * c];
+                let mut slow = fast.clone();
+                depthwise(&x, c, &g, &wt, &b, act, 0, &mut fast);
+                depthwise_body::<false>(&x, c, &g, &wt, &b, act, 0, &mut slow);
+                let diff = fast
+                    .iter()
+                    .zip(&slow)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(
+                    diff <= 1e-5,
+                    "c={c} k={k} s={stride} {h}x{w} {act:?}: {diff}"
+                );
+            }
+        }
     }
 
     #[test]
