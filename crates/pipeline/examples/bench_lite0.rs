@@ -1,7 +1,8 @@
 //! EfficientNet-Lite0 feature-extraction speed on the CPU engine.
 //!
-//! `bench_lite0 [weights.safetensors] [batch] [repeats] [size]` (defaults: the shared
-//! `efficientnet-lite0-imagenet.safetensors` beside the checkout, 32, 5, 224): `repeats`
+//! `bench_lite0 [weights.safetensors] [batch] [repeats] [size] [engine]` (defaults: the shared
+//! `efficientnet-lite0-imagenet.safetensors` beside the checkout, 32, 5, 224, `nhwc`; `candle`
+//! times candle's ops, the engine CUDA uses, on the CPU): `repeats`
 //! forward passes over one batch of random images; prints the best and median wall time per
 //! batch, images/s from each, and the process CPU time per image (user + system, which is less
 //! sensitive than wall time to other processes competing for the cores).
@@ -39,7 +40,12 @@ fn main() -> Res<()> {
     let (batch, repeats, size) = (num(2, 32)?, num(3, 5)?.max(1), num(4, 224)?);
 
     let w = Weights::open(weights.into())?;
-    let net = EfficientNetLite0::load(&w, &Device::Cpu)?;
+    let engine = args.get(5).map_or("nhwc", String::as_str);
+    let net = match engine {
+        "nhwc" => EfficientNetLite0::load(&w, &Device::Cpu)?,
+        "candle" => EfficientNetLite0::load_candle(&w, &Device::Cpu, candle_core::DType::F32)?,
+        other => return Err(format!("engine `{other}`: expected `nhwc` or `candle`").into()),
+    };
     let x = Tensor::rand(-1f32, 1f32, (batch, 3, size, size), &Device::Cpu)?;
     // One warm-up pass (page faults of the activation buffers, thread-pool start).
     net.forward(&x)?;
@@ -54,6 +60,7 @@ fn main() -> Res<()> {
     let cpu = cpu_seconds()? - cpu0;
     times.sort_by(f64::total_cmp);
     let (best, median) = (times[0], times[times.len() / 2]);
+    println!("engine {engine}");
     println!("threads {}", rayon::current_num_threads());
     println!("batch {batch}");
     println!("size {size}");

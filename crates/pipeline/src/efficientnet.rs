@@ -11,8 +11,8 @@
 //!
 //! Two engines compute the same function:
 //! - on the CPU, [`crate::nhwc`]'s kernels over f32 NHWC slices (depthwise loops, 1x1 GEMMs,
-//!   bias/ReLU6/residual fused), whole images in parallel over the rayon pool (or, for batches
-//!   smaller than the pool, the rows of each image);
+//!   bias/ReLU6/residual fused), images in parallel over the rayon pool and each image's layers
+//!   split into row tasks that idle threads steal;
 //! - elsewhere (CUDA), candle's ops: explicit asymmetric zero padding + `conv2d` with
 //!   `groups = channels` for the depthwise layers.
 //!
@@ -270,27 +270,38 @@ fn run_pointwise(
     act: Activation,
     residual: Option<&[f32]>,
     out: &mut [f32],
-    parallel: bool,
 ) {
     let (cin, cout) = (w.cin(), w.cout());
-    nhwc::for_each_rows(out, cout, pixels_per_task(cin), parallel, |p0, o| {
-        let n = o.len() / cout;
-        nhwc::pointwise(
-            &input[p0 * cin..(p0 + n) * cin],
-            w,
-            act,
-            residual.map(|r| &r[p0 * cout..(p0 + n) * cout]),
-            o,
-        );
-    });
+    nhwc::for_each_rows(
+        out,
+        cout,
+        pixels_per_task(cin, out.len() / cout),
+        true,
+        |p0, o| {
+            let n = o.len() / cout;
+            nhwc::pointwise(
+                &input[p0 * cin..(p0 + n) * cin],
+                w,
+                act,
+                residual.map(|r| &r[p0 * cout..(p0 + n) * cout]),
+                o,
+            );
+        },
+    );
 }
 
-/// Pixels per 1x1-convolution task: about 128 KB of input, which stays in L2 while the kernel
-/// passes over it once per 64 output channels (and the `gemm` fallback's block of output is
-/// still in cache for its bias/activation pass). It depends on `cin` alone, never on the
-/// threads, so results do not either.
-fn pixels_per_task(cin: usize) -> usize {
-    (32_768 / cin.max(1)).clamp(24, 1024)
+/// Pixels per 1x1-convolution task for a layer of `m` pixels: at most about 128 KB of input,
+/// which stays in L2 while the kernel passes over it once per 64 output channels (and the
+/// `gemm` fallback's block of output is still in cache for its bias/activation pass), and at
+/// most a quarter of the layer, so even the 7x7 layers split over threads; a multiple of the
+/// kernel's 6-pixel tile. It depends on the layer's shape alone, never on the threads, so
+/// results do not either.
+fn pixels_per_task(cin: usize, m: usize) -> usize {
+    let by_cache = 32_768 / cin.max(1);
+    by_cache
+        .min(m.div_ceil(4))
+        .clamp(6, 1024)
+        .next_multiple_of(6)
 }
 
 /// A block on the CPU engine.
@@ -355,28 +366,21 @@ impl CpuNet {
         }
     }
 
-    /// Pooled features of a `[b][3][h][w]` batch into `out` (`b * 1280`): images in parallel
-    /// when there are at least as many as threads, else each image's rows in parallel.
+    /// Pooled features of a `[b][3][h][w]` batch into `out` (`b * 1280`). Images run in
+    /// parallel and each image's layers split their rows into tasks too: a thread that runs out
+    /// of images steals rows of another's, so a batch smaller than the pool (or a thread slowed
+    /// by other processes) still keeps every core busy. Measured on 2 loaded cores, this is as
+    /// fast as either split alone (notes/effnet.md).
     fn forward(&self, x: &[f32], b: usize, h: usize, w: usize, out: &mut [f32]) {
         let per_image = 3 * h * w;
-        if b >= rayon::current_num_threads() {
-            x.par_chunks_exact(per_image)
-                .zip(out.par_chunks_exact_mut(FEATURE_DIM))
-                .for_each(|(img, o)| {
-                    let mut s = self.take_scratch();
-                    self.image(img, h, w, &mut s, false, o);
-                    self.return_scratch(s);
-                });
-        } else {
-            let mut s = self.take_scratch();
-            for (img, o) in x
-                .chunks_exact(per_image)
-                .zip(out.chunks_exact_mut(FEATURE_DIM))
-            {
-                self.image(img, h, w, &mut s, true, o);
-            }
-            self.return_scratch(s);
-        }
+        debug_assert_eq!(x.len(), b * per_image);
+        x.par_chunks_exact(per_image)
+            .zip(out.par_chunks_exact_mut(FEATURE_DIM))
+            .for_each(|(img, o)| {
+                let mut s = self.take_scratch();
+                self.image(img, h, w, &mut s, o);
+                self.return_scratch(s);
+            });
     }
 
     fn take_scratch(&self) -> Scratch {
@@ -391,15 +395,7 @@ impl CpuNet {
     }
 
     /// One image, CHW in, pooled features out.
-    fn image(
-        &self,
-        chw: &[f32],
-        h: usize,
-        w: usize,
-        s: &mut Scratch,
-        par: bool,
-        pooled: &mut [f32],
-    ) {
+    fn image(&self, chw: &[f32], h: usize, w: usize, s: &mut Scratch, pooled: &mut [f32]) {
         // CHW -> HWC (the stem's input is small: 3 x h x w).
         let hw = h * w;
         let input = sized(&mut s.input, 3 * hw);
@@ -412,7 +408,7 @@ impl CpuNet {
         let (mut h, mut w) = (g.oh, g.ow);
         let x = sized(&mut s.x, h * w * STEM_CHANNELS);
         let rows = rows_per_task(g.ow * STEM_CHANNELS);
-        nhwc::for_each_rows(x, g.ow * STEM_CHANNELS, rows, par, |oy0, o| {
+        nhwc::for_each_rows(x, g.ow * STEM_CHANNELS, rows, true, |oy0, o| {
             nhwc::dense(
                 &s.input,
                 3,
@@ -429,14 +425,7 @@ impl CpuNet {
             let mid_in: &[f32] = match &blk.expand {
                 Some(e) => {
                     let out = sized(&mut s.expanded, h * w * spec.mid);
-                    run_pointwise(
-                        e,
-                        &s.x[..h * w * spec.cin],
-                        Activation::Relu6,
-                        None,
-                        out,
-                        par,
-                    );
+                    run_pointwise(e, &s.x[..h * w * spec.cin], Activation::Relu6, None, out);
                     &s.expanded[..h * w * spec.mid]
                 }
                 None => &s.x[..h * w * spec.cin],
@@ -444,7 +433,7 @@ impl CpuNet {
             let g = Geometry::same(h, w, spec.kernel, spec.stride);
             let d = sized(&mut s.depthwise, g.oh * g.ow * spec.mid);
             let row_len = g.ow * spec.mid;
-            nhwc::for_each_rows(d, row_len, rows_per_task(row_len), par, |oy0, o| {
+            nhwc::for_each_rows(d, row_len, rows_per_task(row_len), true, |oy0, o| {
                 nhwc::depthwise(
                     mid_in,
                     spec.mid,
@@ -464,7 +453,6 @@ impl CpuNet {
                 Activation::Identity,
                 residual,
                 y,
-                par,
             );
             std::mem::swap(&mut s.x, &mut s.y);
             (h, w) = (g.oh, g.ow);
@@ -477,7 +465,6 @@ impl CpuNet {
             Activation::Relu6,
             None,
             features,
-            par,
         );
         // Global average pool, summed in f64 so large inputs lose nothing.
         let mut sum = vec![0.0f64; FEATURE_DIM];
