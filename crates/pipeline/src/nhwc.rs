@@ -169,9 +169,23 @@ where
 /// atomic load).
 #[derive(Clone, Copy)]
 enum Simd {
+    #[cfg(target_arch = "x86_64")]
     Avx512,
+    #[cfg(target_arch = "x86_64")]
     Avx2,
     Portable,
+}
+
+/// Whether the AVX-512 kernels run (always false off x86_64).
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        matches!(simd(), Simd::Avx512)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 fn simd() -> Simd {
@@ -225,15 +239,17 @@ pub fn depthwise(
         row_len > 0 && out.len().is_multiple_of(row_len) && oy0 + out.len() / row_len <= g.oh,
         "depthwise: output rows"
     );
+    #[cfg(target_arch = "x86_64")]
     match simd() {
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512F (checked by `simd`); the lengths were checked above.
-        Simd::Avx512 => unsafe { dw512::depthwise(input, c, g, weight, bias, act, oy0, out) },
-        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => {
+            return unsafe { dw512::depthwise(input, c, g, weight, bias, act, oy0, out) }
+        }
         // SAFETY: the CPU has AVX2 and FMA (checked by `simd`); the body is safe code.
-        Simd::Avx2 => unsafe { depthwise_avx2(input, c, g, weight, bias, act, oy0, out) },
-        _ => depthwise_body::<false>(input, c, g, weight, bias, act, oy0, out),
+        Simd::Avx2 => return unsafe { depthwise_avx2(input, c, g, weight, bias, act, oy0, out) },
+        Simd::Portable => {}
     }
+    depthwise_body::<false>(input, c, g, weight, bias, act, oy0, out)
 }
 
 /// The AVX-512 depthwise kernel: per output pixel, 64 channels (4 registers) at a time
@@ -503,7 +519,7 @@ impl PointwiseWeights {
     /// If the lengths disagree or a size is zero (a programming error).
     pub fn new(cin: usize, weight: &[f32], bias: &[f32]) -> Self {
         let w = Self::portable(cin, weight, bias);
-        if matches!(simd(), Simd::Avx512) {
+        if has_avx512() {
             w.packed()
         } else {
             w
@@ -599,10 +615,10 @@ pub fn pointwise(
             pointwise_gemm(input, m, cin, cout, weight, &w.bias, act, residual, out)
         }
         PointwiseLayout::Packed { weight, bias } => {
-            assert!(
-                matches!(simd(), Simd::Avx512),
-                "pointwise: packed weights need AVX-512F"
-            );
+            // Packed weights are made only where `has_avx512` holds (`PointwiseWeights::new`).
+            assert!(has_avx512(), "pointwise: packed weights need AVX-512F");
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (weight, bias);
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX-512F is present (asserted above); the lengths checked above and by
             // `PointwiseWeights::packed` (weight `blocks * cin * 64`, bias `blocks * 64`) bound
@@ -854,15 +870,15 @@ pub fn dense(
         row_len > 0 && out.len().is_multiple_of(row_len) && oy0 + out.len() / row_len <= g.oh,
         "dense: output rows"
     );
+    #[cfg(target_arch = "x86_64")]
     match simd() {
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512F (checked by `simd`); the body is safe code.
-        Simd::Avx512 => unsafe { dense_avx512(input, cin, g, weight, bias, act, oy0, out) },
-        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => return unsafe { dense_avx512(input, cin, g, weight, bias, act, oy0, out) },
         // SAFETY: the CPU has AVX2 and FMA (checked by `simd`); the body is safe code.
-        Simd::Avx2 => unsafe { dense_avx2(input, cin, g, weight, bias, act, oy0, out) },
-        _ => dense_body::<false>(input, cin, g, weight, bias, act, oy0, out),
+        Simd::Avx2 => return unsafe { dense_avx2(input, cin, g, weight, bias, act, oy0, out) },
+        Simd::Portable => {}
     }
+    dense_body::<false>(input, cin, g, weight, bias, act, oy0, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -973,7 +989,7 @@ mod tests {
     /// elsewhere only the portable body runs, and tests/efficientnet.rs checks it).
     #[test]
     fn avx512_depthwise_matches_the_portable_body() {
-        if !matches!(simd(), Simd::Avx512) {
+        if !has_avx512() {
             eprintln!("avx512_depthwise_matches_the_portable_body: SKIPPED: no AVX-512F");
             return;
         }
