@@ -872,8 +872,10 @@ pub fn dense(
     );
     #[cfg(target_arch = "x86_64")]
     match simd() {
-        // SAFETY: the CPU has AVX-512F (checked by `simd`); the body is safe code.
-        Simd::Avx512 => return unsafe { dense_avx512(input, cin, g, weight, bias, act, oy0, out) },
+        // SAFETY: the CPU has AVX-512F (checked by `simd`); the lengths were checked above.
+        Simd::Avx512 => {
+            return unsafe { dense512::dense(input, cin, g, weight, bias, act, oy0, out) }
+        }
         // SAFETY: the CPU has AVX2 and FMA (checked by `simd`); the body is safe code.
         Simd::Avx2 => return unsafe { dense_avx2(input, cin, g, weight, bias, act, oy0, out) },
         Simd::Portable => {}
@@ -881,20 +883,143 @@ pub fn dense(
     dense_body::<false>(input, cin, g, weight, bias, act, oy0, out)
 }
 
+/// The AVX-512 dense kernel: per output pixel, 64 output channels (4 registers) at a time
+/// accumulated in registers over every valid tap and input channel, masked at the tail.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn dense_avx512(
-    input: &[f32],
-    cin: usize,
-    g: &Geometry,
-    weight: &[f32],
-    bias: &[f32],
-    act: Activation,
-    oy0: usize,
-    out: &mut [f32],
-) {
-    dense_body::<true>(input, cin, g, weight, bias, act, oy0, out)
+mod dense512 {
+    use std::arch::x86_64::*;
+
+    use super::{Activation, Geometry};
+
+    /// # Safety
+    /// AVX-512F must be available, and the lengths must be those `super::dense` checks.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn dense(
+        input: &[f32],
+        cin: usize,
+        g: &Geometry,
+        weight: &[f32],
+        bias: &[f32],
+        act: Activation,
+        oy0: usize,
+        out: &mut [f32],
+    ) {
+        let cout = bias.len();
+        let rows = out.len() / (g.ow * cout);
+        for r in 0..rows {
+            let oy = oy0 + r;
+            let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
+            let iy0 = oy * g.stride + ky0 - g.pad_top;
+            for ox in 0..g.ow {
+                let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+                let ix0 = ox * g.stride + kx0 - g.pad_left;
+                let px = Pixel {
+                    src: input[(iy0 * g.w + ix0) * cin..].as_ptr(),
+                    wt: weight[(ky0 * g.k + kx0) * cin * cout..].as_ptr(),
+                    ny: ky1 - ky0,
+                    nx: kx1 - kx0,
+                    cin,
+                    cout,
+                    src_row: g.w * cin,
+                    wt_row: g.k * cin * cout,
+                    bias: bias.as_ptr(),
+                    out: out[(r * g.ow + ox) * cout..].as_mut_ptr(),
+                    act,
+                };
+                let mut c0 = 0;
+                while c0 + 64 <= cout {
+                    // SAFETY: output channels c0 .. c0 + 64 <= cout.
+                    unsafe { px.block::<4>(c0, 16) };
+                    c0 += 64;
+                }
+                let rest = cout - c0;
+                // SAFETY: output channels c0 .. cout (the last register masked).
+                unsafe {
+                    match rest.div_ceil(16) {
+                        0 => {}
+                        1 => px.block::<1>(c0, rest),
+                        2 => px.block::<2>(c0, rest - 16),
+                        3 => px.block::<3>(c0, rest - 32),
+                        _ => px.block::<4>(c0, rest - 48),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One output pixel and its valid taps.
+    struct Pixel {
+        /// The first valid tap's input pixel, channel 0.
+        src: *const f32,
+        /// The first valid tap's weights `[cin][cout]`.
+        wt: *const f32,
+        ny: usize,
+        nx: usize,
+        cin: usize,
+        cout: usize,
+        /// Values per input row and per kernel row of weights.
+        src_row: usize,
+        wt_row: usize,
+        bias: *const f32,
+        /// The output pixel, channel 0.
+        out: *mut f32,
+        act: Activation,
+    }
+
+    impl Pixel {
+        /// Output channels `c0 .. c0 + 16 * (NB - 1) + last` (`1 <= last <= 16`).
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn block<const NB: usize>(&self, c0: usize, last: usize) {
+            let mut mask = [0xffffu16; NB];
+            mask[NB - 1] = if last >= 16 {
+                0xffff
+            } else {
+                (1u16 << last) - 1
+            };
+            // SAFETY: the caller guarantees the channel range; taps were clipped to the input.
+            // Wrapping pointer steps: no checks in the inner loop, even in the dev profile.
+            unsafe {
+                let mut acc = [_mm512_setzero_ps(); NB];
+                #[allow(clippy::needless_range_loop)]
+                for j in 0..NB {
+                    acc[j] = _mm512_maskz_loadu_ps(mask[j], self.bias.wrapping_add(c0 + 16 * j));
+                }
+                let mut src_row = self.src;
+                let mut wt_row = self.wt.wrapping_add(c0);
+                for _ in 0..self.ny {
+                    let (mut s, mut w) = (src_row, wt_row);
+                    // A kernel row's valid taps are contiguous in both the input (nx pixels of
+                    // cin values) and the weights (nx * cin rows of cout values).
+                    for _ in 0..self.nx * self.cin {
+                        let x = _mm512_set1_ps(*s);
+                        #[allow(clippy::needless_range_loop)]
+                        for j in 0..NB {
+                            let k = _mm512_maskz_loadu_ps(mask[j], w.wrapping_add(16 * j));
+                            acc[j] = _mm512_fmadd_ps(x, k, acc[j]);
+                        }
+                        s = s.wrapping_add(1);
+                        w = w.wrapping_add(self.cout);
+                    }
+                    src_row = src_row.wrapping_add(self.src_row);
+                    wt_row = wt_row.wrapping_add(self.wt_row);
+                }
+                let zero = _mm512_setzero_ps();
+                let six = _mm512_set1_ps(6.0);
+                #[allow(clippy::needless_range_loop)]
+                for j in 0..NB {
+                    // max/min return the second operand for a NaN: NaN propagates, as in clamp.
+                    let v = match self.act {
+                        Activation::Identity => acc[j],
+                        Activation::Relu => _mm512_max_ps(zero, acc[j]),
+                        Activation::Relu6 => _mm512_min_ps(six, _mm512_max_ps(zero, acc[j])),
+                    };
+                    _mm512_mask_storeu_ps(self.out.wrapping_add(c0 + 16 * j), mask[j], v);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1023,6 +1148,48 @@ mod tests {
                 assert!(
                     diff <= 1e-5,
                     "c={c} k={k} s={stride} {h}x{w} {act:?}: {diff}"
+                );
+            }
+        }
+    }
+
+    /// The AVX-512 dense kernel and the portable body agree (AVX-512 CPUs only, as above).
+    #[test]
+    fn avx512_dense_matches_the_portable_body() {
+        if !has_avx512() {
+            eprintln!("avx512_dense_matches_the_portable_body: SKIPPED: no AVX-512F");
+            return;
+        }
+        let mut state = 3u64;
+        let mut rand = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        for (cin, cout, k, stride, h, w) in [
+            (3, 32, 3, 2, 9, 8),
+            (1, 5, 3, 1, 4, 4),
+            (2, 70, 5, 2, 7, 6),
+            (4, 64, 1, 1, 3, 5),
+        ] {
+            let g = Geometry::same(h, w, k, stride);
+            let (x, wt, b) = (rand(h * w * cin), rand(k * k * cin * cout), rand(cout));
+            for act in [Activation::Identity, Activation::Relu6] {
+                let mut fast = vec![f32::NAN; g.oh * g.ow * cout];
+                let mut slow = fast.clone();
+                dense(&x, cin, &g, &wt, &b, act, 0, &mut fast);
+                dense_body::<false>(&x, cin, &g, &wt, &b, act, 0, &mut slow);
+                let diff = fast
+                    .iter()
+                    .zip(&slow)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(
+                    diff <= 1e-5,
+                    "{cin}->{cout} k={k} s={stride} {h}x{w} {act:?}: {diff}"
                 );
             }
         }
