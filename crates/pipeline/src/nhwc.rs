@@ -252,13 +252,18 @@ pub fn depthwise(
     depthwise_body::<false>(input, c, g, weight, bias, act, oy0, out)
 }
 
-/// The AVX-512 depthwise kernel: per output pixel, 64 channels (4 registers) at a time
-/// accumulated over all valid taps, masked loads and stores for the channel tail.
+/// The AVX-512 depthwise kernel: 64 channels (4 registers) at a time accumulated over all valid
+/// taps, masked loads and stores for the channel tail. Where 4 neighbouring outputs of a row have
+/// every tap inside the input (all but the borders), they are computed together, so each
+/// weight load feeds 4 FMAs: 1.25 loads per FMA instead of 2 (the kernel is load-bound).
 #[cfg(target_arch = "x86_64")]
 mod dw512 {
     use std::arch::x86_64::*;
 
     use super::{Activation, Geometry};
+
+    /// Outputs per run in the interior.
+    const RUN: usize = 4;
 
     /// # Safety
     /// AVX-512F must be available, and the lengths must be those `super::depthwise` checks.
@@ -275,51 +280,54 @@ mod dw512 {
         out: &mut [f32],
     ) {
         let rows = out.len() / (g.ow * c);
+        let full = (0, g.k);
         for r in 0..rows {
             let oy = oy0 + r;
             let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
             let iy0 = oy * g.stride + ky0 - g.pad_top;
-            for ox in 0..g.ow {
+            let mut ox = 0;
+            while ox < g.ow {
                 let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+                // Tap ranges only shrink towards the borders, so two interior ends mean an
+                // interior run.
+                let n = if (kx0, kx1) == full
+                    && ox + RUN <= g.ow
+                    && g.taps(ox + RUN - 1, g.pad_left, g.w) == full
+                {
+                    RUN
+                } else {
+                    1
+                };
                 let ix0 = ox * g.stride + kx0 - g.pad_left;
-                // Offsets of the first valid tap; every tap stays inside `input` / `weight`,
-                // every channel block inside the pixel's `c` values (masked at the tail).
-                let px = Pixel {
+                // Offsets of the first valid tap; every tap of the `n` outputs stays inside
+                // `input` / `weight`, every channel block inside a pixel's `c` values.
+                let run = Run {
                     src: input[(iy0 * g.w + ix0) * c..].as_ptr(),
                     wt: weight[(ky0 * g.k + kx0) * c..].as_ptr(),
                     ny: ky1 - ky0,
                     nx: kx1 - kx0,
                     src_row: g.w * c,
                     wt_row: g.k * c,
+                    src_step: g.stride * c,
                     c,
                     bias: bias.as_ptr(),
                     out: out[(r * g.ow + ox) * c..].as_mut_ptr(),
                     act,
                 };
-                let mut c0 = 0;
-                while c0 + 64 <= c {
-                    // SAFETY: channels c0 .. c0 + 64 <= c of this pixel and its taps.
-                    unsafe { px.block::<4>(c0, 16) };
-                    c0 += 64;
+                // SAFETY (both arms): outputs ox .. ox + n < ow of row r, channels < c.
+                if n == RUN {
+                    unsafe { run.channels::<RUN>() };
+                } else {
+                    unsafe { run.channels::<1>() };
                 }
-                let rest = c - c0;
-                // SAFETY: channels c0 .. c (the last register masked to its `rest % 16` lanes).
-                unsafe {
-                    match rest.div_ceil(16) {
-                        0 => {}
-                        1 => px.block::<1>(c0, rest),
-                        2 => px.block::<2>(c0, rest - 16),
-                        3 => px.block::<3>(c0, rest - 32),
-                        _ => px.block::<4>(c0, rest - 48),
-                    }
-                }
+                ox += n;
             }
         }
     }
 
-    /// One output pixel and its valid taps.
-    struct Pixel {
-        /// The first valid tap's input pixel, channel 0.
+    /// `P` consecutive outputs of one row with the same valid taps.
+    struct Run {
+        /// The first output's first valid tap's input pixel, channel 0.
         src: *const f32,
         /// The first valid tap's weights, channel 0.
         wt: *const f32,
@@ -328,18 +336,43 @@ mod dw512 {
         /// Values per input row and per kernel row.
         src_row: usize,
         wt_row: usize,
+        /// Input values between consecutive outputs' taps (`stride * c`).
+        src_step: usize,
         c: usize,
         bias: *const f32,
-        /// The output pixel, channel 0.
+        /// The first output pixel, channel 0.
         out: *mut f32,
         act: Activation,
     }
 
-    impl Pixel {
-        /// Channels `c0 .. c0 + 16 * (NB - 1) + last` (`1 <= last <= 16`).
+    impl Run {
+        /// All channels of the `P` outputs.
         #[target_feature(enable = "avx512f")]
         #[inline]
-        unsafe fn block<const NB: usize>(&self, c0: usize, last: usize) {
+        unsafe fn channels<const P: usize>(&self) {
+            let c = self.c;
+            let mut c0 = 0;
+            // SAFETY (all calls): channel ranges within `c`; forwarded from the caller.
+            unsafe {
+                while c0 + 64 <= c {
+                    self.block::<4, P>(c0, 16);
+                    c0 += 64;
+                }
+                let rest = c - c0;
+                match rest.div_ceil(16) {
+                    0 => {}
+                    1 => self.block::<1, P>(c0, rest),
+                    2 => self.block::<2, P>(c0, rest - 16),
+                    3 => self.block::<3, P>(c0, rest - 32),
+                    _ => self.block::<4, P>(c0, rest - 48),
+                }
+            }
+        }
+
+        /// Channels `c0 .. c0 + 16 * (NB - 1) + last` (`1 <= last <= 16`) of the `P` outputs.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn block<const NB: usize, const P: usize>(&self, c0: usize, last: usize) {
             let mut mask = [0xffffu16; NB];
             mask[NB - 1] = if last >= 16 {
                 0xffff
@@ -348,22 +381,33 @@ mod dw512 {
             };
             // SAFETY: the caller guarantees the channel range; taps were clipped to the input.
             // Wrapping pointer steps: no checks in the inner loop, even in the dev profile.
+            // Constant-bound index loops, so the accumulators stay in registers.
             unsafe {
-                let mut acc = [_mm512_setzero_ps(); NB];
+                let mut acc = [[_mm512_setzero_ps(); NB]; P];
                 #[allow(clippy::needless_range_loop)]
                 for j in 0..NB {
-                    acc[j] = _mm512_maskz_loadu_ps(mask[j], self.bias.wrapping_add(c0 + 16 * j));
+                    let b = _mm512_maskz_loadu_ps(mask[j], self.bias.wrapping_add(c0 + 16 * j));
+                    for p in 0..P {
+                        acc[p][j] = b;
+                    }
                 }
                 let mut src_row = self.src.wrapping_add(c0);
                 let mut wt_row = self.wt.wrapping_add(c0);
                 for _ in 0..self.ny {
                     let (mut s, mut w) = (src_row, wt_row);
                     for _ in 0..self.nx {
+                        let mut wv = [_mm512_setzero_ps(); NB];
                         #[allow(clippy::needless_range_loop)]
                         for j in 0..NB {
-                            let x = _mm512_maskz_loadu_ps(mask[j], s.wrapping_add(16 * j));
-                            let k = _mm512_maskz_loadu_ps(mask[j], w.wrapping_add(16 * j));
-                            acc[j] = _mm512_fmadd_ps(x, k, acc[j]);
+                            wv[j] = _mm512_maskz_loadu_ps(mask[j], w.wrapping_add(16 * j));
+                        }
+                        #[allow(clippy::needless_range_loop)]
+                        for p in 0..P {
+                            let sp = s.wrapping_add(p.wrapping_mul(self.src_step));
+                            for j in 0..NB {
+                                let x = _mm512_maskz_loadu_ps(mask[j], sp.wrapping_add(16 * j));
+                                acc[p][j] = _mm512_fmadd_ps(x, wv[j], acc[p][j]);
+                            }
                         }
                         s = s.wrapping_add(self.c);
                         w = w.wrapping_add(self.c);
@@ -374,14 +418,18 @@ mod dw512 {
                 let zero = _mm512_setzero_ps();
                 let six = _mm512_set1_ps(6.0);
                 #[allow(clippy::needless_range_loop)]
-                for j in 0..NB {
-                    // max/min return the second operand for a NaN: NaN propagates, as in clamp.
-                    let v = match self.act {
-                        Activation::Identity => acc[j],
-                        Activation::Relu => _mm512_max_ps(zero, acc[j]),
-                        Activation::Relu6 => _mm512_min_ps(six, _mm512_max_ps(zero, acc[j])),
-                    };
-                    _mm512_mask_storeu_ps(self.out.wrapping_add(c0 + 16 * j), mask[j], v);
+                for p in 0..P {
+                    for j in 0..NB {
+                        // max/min return the second operand for a NaN: NaN propagates, as in
+                        // clamp.
+                        let v = match self.act {
+                            Activation::Identity => acc[p][j],
+                            Activation::Relu => _mm512_max_ps(zero, acc[p][j]),
+                            Activation::Relu6 => _mm512_min_ps(six, _mm512_max_ps(zero, acc[p][j])),
+                        };
+                        let o = self.out.wrapping_add(p * self.c + c0 + 16 * j);
+                        _mm512_mask_storeu_ps(o, mask[j], v);
+                    }
                 }
             }
         }
@@ -1132,6 +1180,11 @@ mod tests {
             (17, 5, 2, 9, 8),
             (80, 3, 2, 7, 7),
             (144, 5, 1, 6, 3),
+            // Wide rows: interior runs of 4 outputs, at stride 1 and 2, with channel tails.
+            (40, 3, 2, 5, 21),
+            (24, 5, 2, 6, 23),
+            (100, 5, 1, 3, 13),
+            (7, 3, 1, 2, 16),
         ] {
             let g = Geometry::same(h, w, k, stride);
             let (x, wt, b) = (rand(h * w * c), rand(k * k * c), rand(c));
