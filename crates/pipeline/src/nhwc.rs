@@ -4,10 +4,12 @@
 //! candle's CPU `conv2d` with `groups = channels` runs one tiny convolution per channel (1152 of
 //! them in a Lite0 layer) and its 1x1 convolutions go through im2col; these kernels instead work
 //! on plain slices in H,W,C order, so the channels of one pixel are contiguous and every inner
-//! loop runs over channels (vectorised, with AVX-512 or AVX2+FMA when the CPU has them, checked
-//! at run time), with the (folded) bias, the activation and an optional residual fused in:
+//! loop runs over channels (AVX-512 intrinsics kernels when the CPU has AVX-512F, else the same
+//! loops vectorised for AVX2+FMA or plain; checked at run time), with the (folded) bias, the
+//! activation and an optional residual fused in:
 //! - [`depthwise`]: `k x k` per-channel convolution, any stride and padding ([`Geometry`]);
-//! - [`pointwise`]: 1x1 convolution as a GEMM (the `gemm` crate) over a block of pixels;
+//! - [`pointwise`]: 1x1 convolution over a block of pixels: with AVX-512 a register-tiled kernel
+//!   on weights packed once ([`PointwiseWeights`]), otherwise the `gemm` crate;
 //! - [`dense`]: a full `k x k` convolution for few input channels (a network's stem).
 //!
 //! Each kernel computes a range of output rows (or pixels), so a caller can spread one image
