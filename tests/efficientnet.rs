@@ -348,6 +348,35 @@ fn negative_variance_and_nan_are_errors_naming_the_tensor() {
 }
 
 #[test]
+fn efficientnet_b0_style_weights_are_refused() {
+    // The same block tensors plus squeeze-excite: B0 in lukemelas' naming, which Lite0's
+    // forward would silently get wrong.
+    let path = testkit::temp_dir("lite0-se").join("b0-like.safetensors");
+    write_random_lite0(&path, |_, t| Some(t));
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).expect("load");
+    tensors.insert(
+        "_blocks.1._se_reduce.weight".into(),
+        Tensor::zeros((4, 96, 1, 1), DType::F32, &Device::Cpu).expect("zeros"),
+    );
+    candle_core::safetensors::save(&tensors, &path).expect("save");
+    let weights = Weights::open(path.clone()).expect("open");
+    let err = match EfficientNetLite0::load(&weights, &Device::Cpu) {
+        Ok(_) => panic!("squeeze-excite weights must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("`_blocks.1._se_reduce.weight`"), "{err}");
+    assert!(err.contains("backbone.name"), "{err}");
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    // The shared file itself has nothing extra (its num_batches_tracked are allowed).
+    if let Some(shared) = testkit::shared_dir("efficientnet_b0_style_weights_are_refused") {
+        let w = Weights::open(shared.join("weights/efficientnet-lite0-imagenet.safetensors"))
+            .expect("weights");
+        assert!(w.names().iter().any(|n| n.ends_with("num_batches_tracked")));
+        EfficientNetLite0::load(&w, &Device::Cpu).expect("the real file loads");
+    }
+}
+
+#[test]
 fn features_only_weights_load_but_have_no_logits() {
     let (path, result) = load_edited("lite0-no-fc", |n, t| (!n.starts_with("_fc.")).then_some(t));
     let net = result.expect("features-only weights load");

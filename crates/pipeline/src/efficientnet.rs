@@ -254,7 +254,56 @@ impl Params {
             blocks.push((spec, expand, depthwise, project));
         }
         let head = FoldedConv::load(w, "_conv_head", "_bn1", FEATURE_DIM, head_in(), 1)?;
+        reject_unknown_tensors(w)?;
         Ok(Self { stem, blocks, head })
+    }
+}
+
+/// Every tensor name Lite0 reads (with `_fc.*`); BatchNorm's `num_batches_tracked` is allowed
+/// besides.
+fn known_names() -> std::collections::HashSet<String> {
+    let mut names = std::collections::HashSet::new();
+    let mut conv_bn = |conv: &str, bn: &str| {
+        names.insert(format!("{conv}.weight"));
+        for field in ["weight", "bias", "running_mean", "running_var"] {
+            names.insert(format!("{bn}.{field}"));
+        }
+    };
+    conv_bn("_conv_stem", "_bn0");
+    for (i, spec) in blocks().into_iter().enumerate() {
+        let p = format!("_blocks.{i}");
+        if spec.has_expand() {
+            conv_bn(&format!("{p}._expand_conv"), &format!("{p}._bn0"));
+        }
+        conv_bn(&format!("{p}._depthwise_conv"), &format!("{p}._bn1"));
+        conv_bn(&format!("{p}._project_conv"), &format!("{p}._bn2"));
+    }
+    conv_bn("_conv_head", "_bn1");
+    names.insert("_fc.weight".into());
+    names.insert("_fc.bias".into());
+    names
+}
+
+/// A tensor Lite0 does not use means another network with the same names: EfficientNet-B0 in
+/// this naming has the very same blocks plus squeeze-excite (`_se_reduce`, `_se_expand`) and
+/// swish, Lite1-4 have more blocks. Loading it as Lite0 would give wrong features silently, so
+/// it is an error naming the first such tensor.
+fn reject_unknown_tensors(w: &Weights) -> Result<()> {
+    let known = known_names();
+    let unknown = w
+        .names()
+        .into_iter()
+        .find(|n| !known.contains(n) && !n.ends_with(".num_batches_tracked"));
+    match unknown {
+        None => Ok(()),
+        Some(tensor) => Err(Error::Weights {
+            path: w.path.clone(),
+            message: "not a tensor of EfficientNet-Lite0: these weights are another network \
+                      (squeeze-excite tensors mean EfficientNet-B*, more blocks a larger Lite); \
+                      `backbone.name` must match the weights"
+                .into(),
+            tensor,
+        }),
     }
 }
 
