@@ -89,6 +89,15 @@ impl Weights {
         })
     }
 
+    /// Names of every tensor in the file, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = SafeTensors::deserialize(&self.bytes)
+            .map(|st| st.names().into_iter().map(str::to_string).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
     /// Whether the file has a tensor of that name.
     pub fn contains(&self, name: &str) -> bool {
         SafeTensors::deserialize(&self.bytes)
