@@ -72,6 +72,8 @@ add_list() {
 # ldd is glibc's; without it, nothing is reported missing and the loader has the last word.
 missing() {
     command -v ldd >/dev/null 2>&1 || return 0
+    # The subshell keeps the caller's LD_LIBRARY_PATH as it was.
+    # shellcheck disable=SC2030
     (
         if [ -n "$chosen" ]; then
             LD_LIBRARY_PATH=$chosen
@@ -113,6 +115,7 @@ for p in list(getattr(nvidia, "__path__", [])):
 }
 
 add_list "${PIPELINE_CUDA_LIBS:-}"
+# shellcheck disable=SC2031
 add_list "${LD_LIBRARY_PATH:-}"
 still_missing=$(missing)
 py_dirs=""
@@ -138,7 +141,7 @@ fi
 
 if [ "${PIPELINE_LAUNCHER_DEBUG:-}" = 1 ]; then
     say "LD_LIBRARY_PATH=$chosen"
-    [ -n "$still_missing" ] && say "still missing:" $still_missing
+    [ -n "$still_missing" ] && say "still missing: $(printf '%s' "$still_missing" | tr '\n' ' ')"
 fi
 
 if [ -n "$still_missing" ]; then
