@@ -46,7 +46,7 @@ stages them in dist/cuda/ (run them as dist/cuda/bin/<name>).
   --skip-pip       use .venv-cuda/ as it is (no pip, e.g. offline)
   --help           this text
 
-Takes about 30-40 minutes on 2 cores the first time (candle's CUDA kernels alone take ~18).
+The first run takes 35-50 minutes on 2 cores (mostly candle's CUDA kernels); re-runs, seconds.
 EOF
 }
 
