@@ -69,7 +69,11 @@ impl DeviceChoice {
                 },
                 Err(reason) => Opened {
                     device: Device::Cpu,
-                    fallback: Some(reason),
+                    fallback: Some(if cfg!(feature = "cuda") {
+                        format!("cuda:0: {reason}")
+                    } else {
+                        reason
+                    }),
                 },
             }),
         }
@@ -104,21 +108,27 @@ fn open_cuda(n: usize) -> std::result::Result<Device, String> {
     std::panic::set_hook(hook);
     match result {
         Ok(Ok(device)) => Ok(device),
-        Ok(Err(e)) => Err(cuda_reason(n, &e.to_string())),
+        Ok(Err(e)) => Err(cuda_reason(&first_line(&e.to_string()))),
         Err(panic) => {
             let text = panic
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown error".into());
-            Err(cuda_reason(n, &text))
+            Err(cuda_reason(&first_line(&text)))
         }
     }
 }
 
+/// The first line of an error text: candle appends a backtrace to its errors when
+/// `RUST_BACKTRACE` is set, which has no place in a one-line reason.
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().trim().to_string()
+}
+
 /// A user-facing reason from a CUDA error text: the driver's error names are cryptic, so the
 /// common ones get a plain explanation in front.
-fn cuda_reason(n: usize, error: &str) -> String {
+fn cuda_reason(error: &str) -> String {
     let hint = if error.contains("NO_DEVICE") {
         "no CUDA GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
     } else if error.contains("INVALID_DEVICE") {
@@ -132,7 +142,7 @@ fn cuda_reason(n: usize, error: &str) -> String {
     } else {
         "CUDA GPU not usable"
     };
-    format!("cuda:{n}: {hint} ({error})")
+    format!("{hint} ({error})")
 }
 
 /// A short human name for log lines: "cpu" or "cuda:0".
@@ -199,28 +209,27 @@ mod tests {
             let reason = o.fallback.expect("auto says why it is on the CPU");
             assert!(reason.starts_with("cuda:0: "), "{reason}");
             let err = DeviceChoice::Cuda(0).open().expect_err("no usable GPU");
-            assert!(err.to_string().contains("cuda:0"), "{err}");
+            let text = err.to_string();
+            assert!(text.starts_with("device cuda:0: "), "{text}");
+            assert_eq!(text.matches("cuda:0").count(), 1, "named once: {text}");
+            assert_eq!(text.lines().count(), 1, "one line, no backtrace: {text}");
         }
     }
 
     #[test]
     fn driver_errors_get_a_plain_reason() {
-        let r = cuda_reason(
-            0,
-            "DriverError(CUDA_ERROR_NO_DEVICE, \"no CUDA-capable device\")",
-        );
+        let r = cuda_reason("DriverError(CUDA_ERROR_NO_DEVICE, \"no CUDA-capable device\")");
         assert!(r.contains("no CUDA GPU is visible"), "{r}");
-        let r = cuda_reason(
-            2,
-            "DriverError(CUDA_ERROR_INVALID_DEVICE, \"invalid device\")",
-        );
-        assert!(
-            r.starts_with("cuda:2: there is no GPU with that index"),
-            "{r}"
-        );
-        let r = cuda_reason(0, "DriverError(CUDA_ERROR_STUB_LIBRARY, \"stub\")");
+        let r = cuda_reason("DriverError(CUDA_ERROR_INVALID_DEVICE, \"invalid device\")");
+        assert!(r.starts_with("there is no GPU with that index"), "{r}");
+        let r = cuda_reason("DriverError(CUDA_ERROR_STUB_LIBRARY, \"stub\")");
         assert!(r.contains("link stub"), "{r}");
-        let r = cuda_reason(0, "something else");
+        let r = cuda_reason("something else");
         assert!(r.contains("not usable (something else)"), "{r}");
+        // candle's errors carry a backtrace when RUST_BACKTRACE is set: only the first line.
+        assert_eq!(
+            first_line("DriverError(X)\n   0: candle::frame\n   1: ..."),
+            "DriverError(X)"
+        );
     }
 }

@@ -368,26 +368,26 @@ fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
         .filter(|(h, _)| index.contains(h))
         .count();
 
+    // The device and the backbone are ready before anything is written: a `cuda` that
+    // cannot be kept, or arithmetic the device lacks, fails here and leaves the store as it
+    // was.
+    let backbone = if jobs.is_empty() {
+        None
+    } else {
+        let device = DeviceChoice::parse(&config.extract.device)?.open_logged("extract")?;
+        let model = load_backbone(&plan.weights, &device, config)?;
+        Some((device, model))
+    };
     // The row map first says "incomplete", so that readers never take a half-done
     // extraction for a finished one.
     store.write_row_map(&plan.view, &plan.row_map(config, &bad, false))?;
-    let (device_name, computed) = if jobs.is_empty() {
-        eprintln!(
-            "extract: store {} is up to date: all {} images of this dataset are stored ({} reused): nothing to compute",
-            store.dir().display(),
-            mine_unique,
-            reused
-        );
-        ("none".to_string(), 0)
-    } else {
-        let device = DeviceChoice::parse(&config.extract.device)?.open_logged("extract")?;
+    let (device_name, computed) = if let Some((device, model)) = backbone {
         let device_name = describe(&device);
         eprintln!(
             "extract: {to_compute} of {mine_unique} unique images to compute in {} batches on {device_name}; {reused} reused from {}",
             jobs.len(),
             store.dir().display()
         );
-        let model = load_backbone(&plan.weights, &device, config)?;
         let engine = Engine {
             model: &model,
             device: &device,
@@ -407,6 +407,14 @@ fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
         }
         bad.extend(outcome.skipped);
         (device_name, outcome.computed)
+    } else {
+        eprintln!(
+            "extract: store {} is up to date: all {} images of this dataset are stored ({} reused): nothing to compute",
+            store.dir().display(),
+            mine_unique,
+            reused
+        );
+        ("none".to_string(), 0)
     };
     let map = plan.row_map(config, &bad, true);
     // Every row must now be stored or skipped: checked, not assumed.

@@ -158,6 +158,7 @@ pub struct RunOutcome {
 
 /// `train-head`: trains the configured head on the cached features.
 pub fn train_head(config: &Config) -> Result<RunOutcome> {
+    let device = training_device(config)?;
     let plan = Plan::new(config)?;
     let set = load_features(config, &plan)?;
     let split = split_dataset(config, &plan.dataset, &plan.hashes)?;
@@ -168,7 +169,6 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
         (0..set.rows.len()).filter(|&i| on[set.rows[i]]).collect()
     };
     let (train_rows, val_rows) = (side(&split.split.train), side(&split.split.val));
-    let device = training_device(config)?;
     let h = &config.head;
     let mut rng = Rng::new(config.split.seed).fork(INIT_STREAM);
     let dim = set.key.dim;
@@ -292,6 +292,8 @@ fn logistic_head<'a>(
 
 /// `train-cnn`: trains the from-scratch CNN baseline on the images of the same split.
 pub fn train_cnn(config: &Config) -> Result<RunOutcome> {
+    // The device first: a `cuda` that cannot be kept fails before minutes of image loading.
+    let device = training_device(config)?;
     let dataset = Dataset::load(&config.data)?;
     let hashes = hash_samples(&dataset, config.data.on_bad_image)?;
     let split = split_dataset(config, &dataset, &hashes)?;
@@ -335,7 +337,6 @@ pub fn train_cnn(config: &Config) -> Result<RunOutcome> {
         .iter()
         .map(|&r| dataset.samples[r].label.unwrap_or(0))
         .collect();
-    let device = training_device(config)?;
     let mut rng = Rng::new(config.split.seed).fork(INIT_STREAM);
     let images = images.to_device(&device)?;
     let shape = CnnShape {
