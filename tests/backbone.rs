@@ -5,12 +5,11 @@
 //! Seeded random VGG16 weights at small inputs, so these run in seconds without `../shared`.
 
 use candle_core::{DType, Device, Tensor};
-use pipeline::backbone::{BackboneOptions, CandleVgg};
 use pipeline::config::ComputePrecision;
+use pipeline::features::{BackboneOptions, CandleVgg};
 use pipeline::{Vgg16Features, Weights};
 
-mod common;
-use common::random_weights;
+use crate::common::random_weights;
 
 /// A seeded batch of `b` images of side `s`, values in the range of Oxford-preprocessed pixels.
 fn batch(b: usize, s: usize) -> Tensor {

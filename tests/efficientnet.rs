@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
-use pipeline::efficientnet::{self, EfficientNetLite0};
-use pipeline::nhwc::{self, Activation, Geometry};
+use pipeline::features::efficientnet::{self, EfficientNetLite0};
+use pipeline::features::nhwc::{self, Activation, Geometry};
 use pipeline::Weights;
 
 // ---------------------------------------------------------------------------------------------

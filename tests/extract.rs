@@ -8,19 +8,18 @@
 //! data and weights through `testkit::shared_dir`.
 
 use candle_core::{Device, Tensor};
-use pipeline::backbone::BackboneOptions;
 use pipeline::config::{Config, ConvAlgorithm, OnBadImage};
+use pipeline::features::BackboneOptions;
 use pipeline::{Vgg16Features, Weights};
 
-mod common;
-use common::{fixture, load, random_weights, shards};
+use crate::common::{fixture, load, random_weights, shards};
 
-fn extract(c: &Config) -> pipeline::extract::Summary {
-    pipeline::extract::run(c).expect("extraction succeeds")
+fn extract(c: &Config) -> pipeline::features::extract::Summary {
+    pipeline::features::extract::run(c).expect("extraction succeeds")
 }
 
 fn extract_err(c: &Config) -> String {
-    match pipeline::extract::run(c) {
+    match pipeline::features::extract::run(c) {
         Ok(s) => panic!("expected an error, got {s}"),
         Err(e) => e.to_string(),
     }
@@ -210,7 +209,7 @@ fn interrupted_run_resumes_without_missing_or_duplicated_rows() {
     let (_dir, c) = fixture("resume", 7);
     extract(&c);
     let complete = features(&c);
-    let plan = pipeline::extract::Plan::new(&c).expect("plan");
+    let plan = pipeline::features::extract::Plan::new(&c).expect("plan");
     let hash = |row: usize| plan.hashes[row].clone().expect("hash");
     let holding = |row: usize| {
         shards(&c.extract.out)
@@ -414,18 +413,9 @@ fn unusual_colour_types_decode_to_rgb() {
 #[test]
 fn hub_weights_resolve_from_the_local_hf_cache_without_network() {
     // hf-hub's cache layout: <HF_HOME>/hub/models--<owner>--<name>/{refs/main, snapshots/<rev>/}.
-    let home = testkit::temp_dir("hf-home");
-    let repo = home.join("hub/models--timm--vgg16.tv_in1k");
-    std::fs::create_dir_all(repo.join("refs")).expect("mkdir");
-    std::fs::create_dir_all(repo.join("snapshots/0123abcd")).expect("mkdir");
-    std::fs::write(repo.join("refs/main"), "0123abcd").expect("ref");
-    std::fs::copy(
-        random_weights(),
-        repo.join("snapshots/0123abcd/model.safetensors"),
-    )
-    .expect("copy");
-    // Only this test reads HF_HOME.
-    std::env::set_var("HF_HOME", &home);
+    let (_home, _hf) = crate::common::fake_hf_home("hf-home", |file| {
+        std::fs::copy(random_weights(), file).expect("copy");
+    });
     let source = pipeline::WeightsSource::parse("hf:timm/vgg16.tv_in1k");
     let path = source.resolve().expect("found in the cache");
     assert!(
@@ -434,7 +424,7 @@ fn hub_weights_resolve_from_the_local_hf_cache_without_network() {
         path.display()
     );
     let known = source.known_preprocessing();
-    assert_eq!(known.mean, Some(pipeline::preprocess::IMAGENET_MEAN));
+    assert_eq!(known.mean, Some(pipeline::data::IMAGENET_MEAN));
     assert_eq!(known.input_scale, Some(1.0));
     let (_dir, mut c) = fixture("hub", 3);
     c.backbone.weights = "hf:timm/vgg16.tv_in1k".into();

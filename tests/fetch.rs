@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use pipeline::config::{apply_layer, Config, DataConfig};
-use pipeline::fetch::http;
-use pipeline::fetch::hub::Hub;
-use pipeline::fetch::Source;
+use pipeline::data::fetch::http;
+use pipeline::data::fetch::hub::Hub;
+use pipeline::data::fetch::Source;
 use pipeline::Dataset;
 use testkit::archive::{content_digest, sha256_hex as sha256, study_entries, zip_bytes, STUDY_TOP};
 use testkit::http::{Route, Server};

@@ -2,13 +2,11 @@
 //! weights at 32x32): feature scaling fitted on the training rows and saved with the head, the
 //! cross-validated logistic head, weight decay, and prediction with all of them.
 
-mod common;
-
-use common::fixture;
+use crate::common::fixture;
 use pipeline::config::{Config, HeadKind};
-use pipeline::head::Head;
-use pipeline::scaling::Scaling;
-use pipeline::study::train_head;
+use pipeline::models::Head;
+use pipeline::models::Scaling;
+use pipeline::training::study::train_head;
 
 fn setup(test: &str) -> (std::path::PathBuf, Config) {
     let (dir, mut c) = fixture(test, 24);
@@ -16,12 +14,12 @@ fn setup(test: &str) -> (std::path::PathBuf, Config) {
     c.head.train.epochs = 3;
     c.head.train.batch_size = 4;
     c.output.runs = dir.join("runs");
-    pipeline::extract::run(&c).expect("extract");
+    pipeline::features::extract::run(&c).expect("extract");
     (dir, c)
 }
 
 fn all_features(c: &Config) -> candle_core::Tensor {
-    common::load(c).expect("store").features
+    crate::common::load(c).expect("store").features
 }
 
 #[test]
@@ -41,14 +39,15 @@ fn scaling_is_saved_with_the_head_and_reapplied_to_new_features() {
         // The loaded head's logits on raw features equal the trained head's recorded
         // validation accuracy when scored the way `predict` scores.
         let x = all_features(&c);
-        let probs = pipeline::study::head_probabilities(&head, &x).expect("probabilities");
+        let probs =
+            pipeline::training::study::head_probabilities(&head, &x).expect("probabilities");
         assert_eq!(probs.len(), x.dim(0).expect("rows"));
         // The same rows, scaled by hand, through an unscaled copy give the same logits.
         let scaled = head.scaler().apply(&x).expect("scale");
         let plain = head.logits(&x).expect("logits");
         let by_hand = Head::load(&run.dir.join("head.safetensors"), &candle_core::Device::Cpu)
             .expect("load")
-            .with_scaler(pipeline::scaling::Scaler::none())
+            .with_scaler(pipeline::models::Scaler::none())
             .expect("unscaled");
         // `with_scaler` on a loaded head replaces the scaler; feeding pre-scaled rows must give
         // identical logits.
@@ -82,7 +81,10 @@ fn logistic_head_cross_validates_its_penalty_and_predicts() {
         .iter()
         .all(|s| s["log_loss"].as_f64().is_some_and(f64::is_finite)));
     assert_eq!(run.metrics.history.len(), 1, "one record: no epochs");
-    assert_eq!(run.metrics.status, pipeline::runs::RunStatus::Finished);
+    assert_eq!(
+        run.metrics.status,
+        pipeline::reporting::runs::RunStatus::Finished
+    );
     // Deterministic: the same config gives the same head.
     let again = train_head(&c).expect("train-head");
     let w = |d: &std::path::Path| {
@@ -96,7 +98,7 @@ fn logistic_head_cross_validates_its_penalty_and_predicts() {
     c.predict.input = Some(dir.join("images"));
     c.predict.output = Some(dir.join("predictions.csv"));
     c.predict.run = Some(run.dir.clone());
-    let summary = pipeline::predict::run(&c).expect("predict");
+    let summary = pipeline::inference::predict::run(&c).expect("predict");
     assert_eq!(summary.images, 24);
 }
 
@@ -107,7 +109,7 @@ fn weight_decay_shrinks_the_head() {
         let run = train_head(c).expect("train-head");
         let h =
             Head::load(&run.dir.join("head.safetensors"), &candle_core::Device::Cpu).expect("load");
-        use pipeline::train::Model;
+        use pipeline::training::Model;
         let params = h.params().sorted().expect("params");
         let w = params
             .iter()

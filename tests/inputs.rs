@@ -9,18 +9,17 @@
 use std::path::{Path, PathBuf};
 
 use pipeline::config::{ChannelOrder, Config, ResizeMode};
-use pipeline::preprocess::{Partial, IMAGENET_MEAN, IMAGENET_STD};
-use pipeline::runs::RunStatus;
-use pipeline::study::{read_metrics, train_cnn, train_head, RunMetrics};
+use pipeline::data::{Partial, IMAGENET_MEAN, IMAGENET_STD};
+use pipeline::reporting::runs::RunStatus;
+use pipeline::training::study::{read_metrics, train_cnn, train_head, RunMetrics};
 use pipeline::Weights;
 
-mod common;
-use common::{fixture, random_weights};
+use crate::common::{fixture, random_weights};
 
 /// The cache's features (rows in cache order) and labels; one place to adapt if the cache
 /// API changes.
 fn features(c: &Config) -> (Vec<Vec<f32>>, Vec<usize>) {
-    let set = common::load(c).expect("cache loads");
+    let set = crate::common::load(c).expect("cache loads");
     (set.features.to_vec2().expect("f32"), set.labels)
 }
 
@@ -98,7 +97,7 @@ fn extraction_from_image_files_matches_the_reference_pool5() {
     c.extract.device = "cpu".into();
     c.extract.out = dir.join("features");
     c.validate().expect("valid");
-    pipeline::extract::run(&c).expect("extract");
+    pipeline::features::extract::run(&c).expect("extract");
     let (rows, _) = features(&c);
     for (row, name) in rows.iter().zip(["chelsea", "coffee"]) {
         let (_, want) =
@@ -129,22 +128,15 @@ fn weights_without_metadata(path: &Path) {
 #[test]
 fn hub_weights_bring_their_known_preprocessing_into_a_real_extraction() {
     // hf-hub's cache layout: <HF_HOME>/hub/models--<owner>--<name>/{refs/main, snapshots/<rev>/}.
-    let home = testkit::temp_dir("fake-hub-home");
-    let repo = home.join("hub/models--timm--vgg16.tv_in1k");
-    std::fs::create_dir_all(repo.join("refs")).expect("mkdir");
-    std::fs::create_dir_all(repo.join("snapshots/0123abcd")).expect("mkdir");
-    std::fs::write(repo.join("refs/main"), "0123abcd").expect("ref");
-    let cached = repo.join("snapshots/0123abcd/model.safetensors");
-    weights_without_metadata(&cached);
-    // Only this test of this binary reads HF_HOME.
-    std::env::set_var("HF_HOME", &home);
+    let (home, _hf) = crate::common::fake_hf_home("fake-hub-home", weights_without_metadata);
+    let cached = home.join("hub/models--timm--vgg16.tv_in1k/snapshots/0123abcd/model.safetensors");
 
     let (dir, base) = fixture("table-recipe", 5);
     let mut hub = base.clone();
     hub.backbone.weights = "hf:timm/vgg16.tv_in1k".into();
     hub.extract.out = dir.join("hub");
-    pipeline::extract::run(&hub).expect("hub extraction");
-    let set = common::load(&hub).expect("store loads");
+    pipeline::features::extract::run(&hub).expect("hub extraction");
+    let set = crate::common::load(&hub).expect("store loads");
     let p = &set.key.preprocessing;
     assert_eq!(
         (p.input_scale, p.mean, p.std, p.channel_order),
@@ -155,7 +147,7 @@ fn hub_weights_bring_their_known_preprocessing_into_a_real_extraction() {
     let mut explicit = base.clone();
     explicit.backbone.weights = cached.display().to_string();
     explicit.extract.out = dir.join("explicit");
-    let err = pipeline::extract::run(&explicit)
+    let err = pipeline::features::extract::run(&explicit)
         .expect_err("no preprocessing known")
         .to_string();
     assert!(err.contains("preprocess.input_scale"), "{err}");
@@ -163,14 +155,14 @@ fn hub_weights_bring_their_known_preprocessing_into_a_real_extraction() {
     explicit.preprocess.mean = Some(IMAGENET_MEAN);
     explicit.preprocess.std = Some(IMAGENET_STD);
     explicit.preprocess.channel_order = Some(ChannelOrder::Rgb);
-    pipeline::extract::run(&explicit).expect("explicit extraction");
+    pipeline::features::extract::run(&explicit).expect("explicit extraction");
 
     let mut oxford = explicit.clone();
     oxford.preprocess.input_scale = Some(255.0);
     oxford.preprocess.mean = Some([123.68, 116.779, 103.939]);
     oxford.preprocess.std = Some([1.0; 3]);
     oxford.extract.out = dir.join("oxford");
-    pipeline::extract::run(&oxford).expect("oxford extraction");
+    pipeline::features::extract::run(&oxford).expect("oxford extraction");
 
     let (from_hub, labels) = features(&hub);
     let (from_explicit, _) = features(&explicit);
@@ -194,14 +186,14 @@ fn integer_labels_written_differently_are_one_class_and_blank_lines_are_skipped(
         "file,class\nimg000.png,1\n\nimg001.png,1.0\n,\nimg002.png, 01\nimg003.png,0\n\n",
     )
     .expect("csv");
-    let s = pipeline::extract::run(&c).expect("extract");
+    let s = pipeline::features::extract::run(&c).expect("extract");
     assert_eq!(s.images, 4);
-    let set = common::load(&c).expect("store loads");
+    let set = crate::common::load(&c).expect("store loads");
     assert_eq!(set.row_map.classes, ["0", "1"]);
     assert_eq!(features(&c).1, [1, 1, 1, 0]);
     // A label outside the configured classes still names its line (blank lines counted).
     c.data.classes = Some(vec!["0".into(), "2".into()]);
-    let err = pipeline::extract::run(&c)
+    let err = pipeline::features::extract::run(&c)
         .expect_err("label 1 is not a class")
         .to_string();
     assert!(err.contains("line 2") && err.contains("`1`"), "{err}");
@@ -218,7 +210,7 @@ fn trained_setup(test: &str, n: usize) -> (PathBuf, Config) {
     c.cnn.channels = vec![2, 2];
     c.cnn.input_size = 16;
     c.output.runs = dir.join("runs");
-    pipeline::extract::run(&c).expect("extract");
+    pipeline::features::extract::run(&c).expect("extract");
     (dir, c)
 }
 
@@ -282,17 +274,17 @@ fn an_unfinished_run_next_to_a_finished_one_breaks_nothing() {
 
     // predict passes over all three for the finished run.
     assert_eq!(
-        pipeline::predict::choose_run(&c).expect("a finished run"),
+        pipeline::inference::predict::choose_run(&c).expect("a finished run"),
         head.dir
     );
     c.predict.input = Some(dir.join("images"));
     c.predict.output = Some(dir.join("out.csv"));
-    let s = pipeline::predict::run(&c).expect("predict uses the finished run");
+    let s = pipeline::inference::predict::run(&c).expect("predict uses the finished run");
     assert_eq!((s.images, &s.run), (12, &head.dir));
 
     // Naming the unfinished run is an error that says so.
     c.predict.run = Some(crashed.clone());
-    let err = pipeline::predict::run(&c)
+    let err = pipeline::inference::predict::run(&c)
         .expect_err("unfinished")
         .to_string();
     assert!(
@@ -302,7 +294,9 @@ fn an_unfinished_run_next_to_a_finished_one_breaks_nothing() {
         "{err}"
     );
     c.predict.run = Some(garbled.clone());
-    let err = pipeline::predict::run(&c).expect_err("garbled").to_string();
+    let err = pipeline::inference::predict::run(&c)
+        .expect_err("garbled")
+        .to_string();
     assert!(
         err.contains("head-linear-29991231-235957") && err.contains("metrics.json"),
         "{err}"

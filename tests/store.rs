@@ -4,19 +4,17 @@
 //! reusing and filling the store. The binary's behaviour (cwd, foreign folders, concurrent
 //! processes, kill -9, gc, the format-1 upgrade) is in `crates/extract/tests/cli.rs`.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{files, fixture, load, shards};
+use crate::common::{files, fixture, load, shards};
 use pipeline::config::{Config, FeatureDType};
-use pipeline::rng::Rng;
-use pipeline::store::shard;
-use pipeline::store::{CacheKey, Marker, RowMap, Store};
+use pipeline::features::store::shard;
+use pipeline::features::store::{CacheKey, Marker, RowMap, Store};
+use pipeline::training::Rng;
 
-fn extract(c: &Config) -> pipeline::extract::Summary {
-    pipeline::extract::run(c).expect("extraction succeeds")
+fn extract(c: &Config) -> pipeline::features::extract::Summary {
+    pipeline::features::extract::run(c).expect("extraction succeeds")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -199,13 +197,13 @@ fn readers_return_errors_never_panic_on_thousands_of_mutated_inputs() {
         Marker::parse(b, path).is_ok()
     });
     // space.json.
-    let key = pipeline::store::example_key(64, "f16");
+    let key = pipeline::features::store::example_key(64, "f16");
     fuzz("space.json", &key.canonical_json(), 4000, 2, |b| {
         CacheKey::from_json(b, path).is_ok()
     });
     // A row map (with a skipped row and a duplicate) that validates.
-    let rows: Vec<pipeline::store::Row> = (0..12)
-        .map(|i| pipeline::store::Row {
+    let rows: Vec<pipeline::features::store::Row> = (0..12)
+        .map(|i| pipeline::features::store::Row {
             id: format!("img{i}.png"),
             label: Some(i % 2),
             hash: (i != 5).then(|| format!("{:064x}", i % 10)),
@@ -219,11 +217,11 @@ fn readers_return_errors_never_panic_on_thousands_of_mutated_inputs() {
         source: "csv /x images /y".into(),
         space: key.id(),
         weights: "w.safetensors".into(),
-        fingerprint: pipeline::store::rowmap::fingerprint(&classes, &rows),
+        fingerprint: pipeline::features::store::rowmap::fingerprint(&classes, &rows),
         classes,
         batch_size: 4,
         complete: true,
-        counts: pipeline::store::rowmap::count(&rows),
+        counts: pipeline::features::store::rowmap::count(&rows),
         rows,
         written_by: "test".into(),
     };
@@ -340,7 +338,7 @@ fn readers_wait_for_a_writer_and_give_up_after_lock_timeout() {
     );
     assert!(start.elapsed() >= Duration::from_secs(1));
     // A second writer waits too.
-    let err = pipeline::extract::run(&c)
+    let err = pipeline::features::extract::run(&c)
         .expect_err("lock held")
         .to_string();
     assert!(err.contains("still locked"), "{err}");
@@ -361,7 +359,7 @@ fn train_head_names_what_the_store_lacks_and_refuses_corrupt_row_maps() {
     let (_dir, mut c) = fixture("lacking", 7);
     c.extract.batch_size = 3;
     extract(&c);
-    let plan = pipeline::extract::Plan::new(&c).expect("plan");
+    let plan = pipeline::features::extract::Plan::new(&c).expect("plan");
     // The shard of batch 1 (rows 3..6) disappears.
     let (path, _) = shards(&c.extract.out)
         .into_iter()
@@ -419,12 +417,12 @@ fn predict_reuses_the_store_and_adds_what_it_computes() {
     c.head.train.epochs = 1;
     c.output.runs = dir.join("runs");
     extract(&c);
-    pipeline::study::train_head(&c).expect("train-head");
+    pipeline::training::study::train_head(&c).expect("train-head");
     let before = shards(&c.extract.out).len();
     // Images of the dataset are in the store already.
     c.predict.input = Some(dir.join("images"));
     c.predict.output = Some(dir.join("out.csv"));
-    let s = pipeline::predict::run(&c).expect("predict");
+    let s = pipeline::inference::predict::run(&c).expect("predict");
     assert_eq!((s.images, s.from_store, s.computed), (8, 8, 0));
     let first = std::fs::read_to_string(dir.join("out.csv")).expect("csv");
     // New images are computed once, then found.
@@ -438,7 +436,7 @@ fn predict_reuses_the_store_and_adds_what_it_computes() {
     std::fs::copy(dir.join("images/img003.png"), new.join("old.png")).expect("copy");
     c.predict.input = Some(new.clone());
     c.predict.output = Some(dir.join("new.csv"));
-    let s = pipeline::predict::run(&c).expect("predict new");
+    let s = pipeline::inference::predict::run(&c).expect("predict new");
     assert_eq!((s.images, s.from_store, s.computed), (4, 1, 3));
     let computed_csv = std::fs::read_to_string(dir.join("new.csv")).expect("csv");
     assert_eq!(
@@ -446,7 +444,7 @@ fn predict_reuses_the_store_and_adds_what_it_computes() {
         before + 2,
         "3 images in batches of 2"
     );
-    let s = pipeline::predict::run(&c).expect("predict again");
+    let s = pipeline::inference::predict::run(&c).expect("predict again");
     assert_eq!((s.from_store, s.computed), (4, 0));
     // Stored and computed features give the very same predictions.
     assert_eq!(
@@ -455,7 +453,7 @@ fn predict_reuses_the_store_and_adds_what_it_computes() {
     );
     c.predict.input = Some(dir.join("images"));
     c.predict.output = Some(dir.join("out.csv"));
-    pipeline::predict::run(&c).expect("predict");
+    pipeline::inference::predict::run(&c).expect("predict");
     assert_eq!(
         std::fs::read_to_string(dir.join("out.csv")).expect("csv"),
         first
@@ -466,14 +464,15 @@ fn predict_reuses_the_store_and_adds_what_it_computes() {
     assert_eq!(report.freed_shards, 0, "{report}");
     drop(store);
     // Without a store, predict computes everything and says so; nothing is created.
-    let mut run_config =
-        pipeline::runs::read_config(&pipeline::predict::choose_run(&c).expect("run"))
-            .expect("config");
+    let mut run_config = pipeline::reporting::runs::read_config(
+        &pipeline::inference::predict::choose_run(&c).expect("run"),
+    )
+    .expect("config");
     run_config.extract.out = dir.join("no-store");
-    let run = pipeline::predict::choose_run(&c).expect("run");
+    let run = pipeline::inference::predict::choose_run(&c).expect("run");
     let toml = toml::to_string(&run_config).expect("toml");
     std::fs::write(run.join("config.toml"), toml).expect("write");
-    let s = pipeline::predict::run(&c).expect("predict without store");
+    let s = pipeline::inference::predict::run(&c).expect("predict without store");
     assert_eq!((s.from_store, s.computed), (0, 8));
     assert!(!dir.join("no-store").exists());
     assert_eq!(

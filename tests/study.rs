@@ -2,12 +2,10 @@
 //! a tiny CNN): run directories and their files, `metrics.json`'s fixed keys, the report,
 //! determinism, prediction, and the bad inputs the training issue names.
 
-mod common;
-
-use common::fixture;
+use crate::common::fixture;
 use pipeline::config::Config;
-use pipeline::plot::{confusion_matrix_size, LINE_CHART_HEIGHT, LINE_CHART_WIDTH};
-use pipeline::study::{train_cnn, train_head, RunMetrics};
+use pipeline::reporting::{confusion_matrix_size, LINE_CHART_HEIGHT, LINE_CHART_WIDTH};
+use pipeline::training::study::{train_cnn, train_head, RunMetrics};
 
 /// A fixture with extraction done and short training settings.
 fn trained_setup(test: &str, n: usize) -> (std::path::PathBuf, Config) {
@@ -20,7 +18,7 @@ fn trained_setup(test: &str, n: usize) -> (std::path::PathBuf, Config) {
     c.cnn.channels = vec![2, 2];
     c.cnn.input_size = 16;
     c.output.runs = dir.join("runs");
-    pipeline::extract::run(&c).expect("extract");
+    pipeline::features::extract::run(&c).expect("extract");
     (dir, c)
 }
 
@@ -80,7 +78,7 @@ fn head_and_cnn_runs_write_everything_and_the_report_compares_them() {
         assert_eq!(val_total, 5);
         assert_eq!(m.split.split.val.len(), 5);
         assert!((0.0..=1.0).contains(&m.val_accuracy));
-        assert_eq!(m.status, pipeline::runs::RunStatus::Finished);
+        assert_eq!(m.status, pipeline::reporting::runs::RunStatus::Finished);
         assert_eq!(json["status"], "finished");
     }
     assert_eq!(metrics(&head.dir).0.history.len(), 3);
@@ -162,7 +160,7 @@ fn predict_writes_labels_and_probabilities_in_the_training_format() {
     std::fs::write(dir.join("new.csv"), "file\nimg001.png\nimg005.png\n").expect("csv");
     c.predict.input = Some(dir.join("new.csv"));
     c.predict.output = Some(dir.join("out.csv"));
-    let s = pipeline::predict::run(&c).expect("predict");
+    let s = pipeline::inference::predict::run(&c).expect("predict");
     assert_eq!(s.images, 2);
     let out = std::fs::read_to_string(dir.join("out.csv")).expect("out");
     let lines: Vec<&str> = out.lines().collect();
@@ -179,7 +177,12 @@ fn predict_writes_labels_and_probabilities_in_the_training_format() {
     }
     assert!(lines[1].starts_with("img001.png,"));
     c.predict.input = Some(dir.join("images"));
-    assert_eq!(pipeline::predict::run(&c).expect("folder").images, 12);
+    assert_eq!(
+        pipeline::inference::predict::run(&c)
+            .expect("folder")
+            .images,
+        12
+    );
 }
 
 #[test]

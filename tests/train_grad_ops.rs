@@ -1,14 +1,14 @@
 //! Finite-difference checks of every custom op with a hand-written backward
-//! ([`pipeline::ops`]: the CNN's ops and the linear head's gather-linear), in f64 on random shapes: odd
+//! ([`pipeline::models::ops`]: the CNN's ops and the linear head's gather-linear), in f64 on random shapes: odd
 //! sizes, batch 1 and 5, 1 to 8 channels. The loss is `sum(output * r)` with fixed random `r`,
 //! so every output element's gradient is distinct.
 
 use candle_core::{DType, Device, Tensor, Var};
 use pipeline::config::HeadKind;
-use pipeline::head::{Head, HeadShape};
-use pipeline::ops::{bn_relu_pool, channel_stats, conv3x3, BnStats};
-use pipeline::rng::Rng;
-use pipeline::train::{Model, Rows};
+use pipeline::models::ops::{bn_relu_pool, channel_stats, conv3x3, BnStats};
+use pipeline::models::{Head, HeadShape};
+use pipeline::training::Rng;
+use pipeline::training::{Model, Rows};
 
 const H: f64 = 1e-6;
 

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use pipeline::cnn::Cnn;
-use pipeline::train::{Model, Rows};
+use pipeline::models::Cnn;
+use pipeline::training::{Model, Rows};
 
 fn data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -3,12 +3,12 @@
 
 use candle_core::DType;
 use candle_core::{Device, Tensor};
-use pipeline::cnn::{Cnn, CnnShape};
 use pipeline::config::{HeadKind, Schedule, TrainSettings};
-use pipeline::head::{Head, HeadShape};
-use pipeline::rng::Rng;
-use pipeline::split::stratified_split;
-use pipeline::train::{fit, predict, probabilities, Labelled, TrainOptions};
+use pipeline::data::stratified_split;
+use pipeline::models::{Cnn, CnnShape};
+use pipeline::models::{Head, HeadShape};
+use pipeline::training::Rng;
+use pipeline::training::{fit, predict, probabilities, Labelled, TrainOptions};
 
 fn opts(epochs: usize, lr: f64) -> TrainOptions {
     TrainOptions {

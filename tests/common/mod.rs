@@ -36,8 +36,8 @@ pub fn fixture(test: &str, n: usize) -> (PathBuf, Config) {
 
 /// The features of the dataset `c` names, loaded from its store as `train-head` loads them.
 pub fn load(c: &Config) -> pipeline::Result<pipeline::FeatureSet> {
-    let plan = pipeline::extract::Plan::new(c)?;
-    pipeline::extract::load_features(c, &plan)
+    let plan = pipeline::features::extract::Plan::new(c)?;
+    pipeline::features::extract::load_features(c, &plan)
 }
 
 /// Every shard file under a store: (path, content hashes in row order), sorted by path.
@@ -55,8 +55,8 @@ pub fn shards(out: &Path) -> Vec<(PathBuf, Vec<String>)> {
         .expect("valid space.json");
         for f in std::fs::read_dir(&dir).expect("space dir").flatten() {
             let name = f.file_name().to_string_lossy().into_owned();
-            if pipeline::store::shard::is_shard_name(&name) {
-                let header = pipeline::store::shard::read_header(&f.path(), &key, &id)
+            if pipeline::features::store::shard::is_shard_name(&name) {
+                let header = pipeline::features::store::shard::read_header(&f.path(), &key, &id)
                     .expect("readable")
                     .expect("valid shard");
                 found.push((f.path(), header.hashes));
@@ -83,4 +83,25 @@ pub fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut out = std::collections::BTreeMap::new();
     walk(dir, dir, &mut out);
     out
+}
+
+/// Serialises the tests that point `HF_HOME` at a fake hub cache: they share one process now.
+static HF_HOME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A fake hf-hub cache holding `timm/vgg16.tv_in1k` (`<HF_HOME>/hub/models--timm--vgg16.tv_in1k/
+/// {refs/main, snapshots/<rev>/model.safetensors}`, the file written by `write`), with `HF_HOME`
+/// pointing at it for as long as the returned guard lives.
+pub fn fake_hf_home(
+    test: &str,
+    write: impl FnOnce(&Path),
+) -> (PathBuf, std::sync::MutexGuard<'static, ()>) {
+    let guard = HF_HOME.lock().unwrap_or_else(|p| p.into_inner());
+    let home = testkit::temp_dir(test);
+    let repo = home.join("hub/models--timm--vgg16.tv_in1k");
+    std::fs::create_dir_all(repo.join("refs")).expect("mkdir");
+    std::fs::create_dir_all(repo.join("snapshots/0123abcd")).expect("mkdir");
+    std::fs::write(repo.join("refs/main"), "0123abcd").expect("ref");
+    write(&repo.join("snapshots/0123abcd/model.safetensors"));
+    std::env::set_var("HF_HOME", &home);
+    (home, guard)
 }

@@ -15,9 +15,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use pipeline::backbone::BackboneOptions;
 use pipeline::config::{ComputePrecision, ConvAlgorithm, ExtractConfig};
 use pipeline::device::{describe, DeviceChoice};
+use pipeline::features::BackboneOptions;
 use pipeline::{Vgg16Features, Weights};
 
 const USAGE: &str = "\

@@ -10,8 +10,8 @@ fn main() -> std::process::ExitCode {
         &[Mode::Gc],
         |config, mode| {
             match mode {
-                Mode::Run => println!("{}", pipeline::extract::run(config)?),
-                Mode::Gc => println!("{}", pipeline::extract::gc(config)?),
+                Mode::Run => println!("{}", pipeline::features::extract::run(config)?),
+                Mode::Gc => println!("{}", pipeline::features::extract::gc(config)?),
             }
             Ok(())
         },

@@ -140,8 +140,8 @@ fn shard_files(out: &Path) -> Vec<PathBuf> {
 /// The dataset's features as train-head loads them: (features, dataset rows).
 fn load(config: &Path, overrides: &[String]) -> (Vec<Vec<f32>>, Vec<usize>) {
     let c = Config::load(config, overrides).expect("config");
-    let plan = pipeline::extract::Plan::new(&c).expect("plan");
-    let set = pipeline::extract::load_features(&c, &plan).expect("complete store");
+    let plan = pipeline::features::extract::Plan::new(&c).expect("plan");
+    let set = pipeline::features::extract::load_features(&c, &plan).expect("complete store");
     (set.features.to_vec2().expect("f32"), set.rows)
 }
 
@@ -487,7 +487,7 @@ fn sha256(bytes: &[u8], scratch: &Path) -> String {
         label: None,
         line: 0,
     };
-    pipeline::dataset::content_hashes(&[sample])
+    pipeline::data::content_hashes(&[sample])
         .remove(0)
         .expect("hash")
 }

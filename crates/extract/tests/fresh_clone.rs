@@ -79,13 +79,13 @@ fn fresh_clone_runs_the_study_with_data_and_weights_fetched_on_first_use() {
 
     // `cargo run --release -p train-head`, then the baseline and prediction on the test images.
     let config = Config::load(&dir.join("pipeline.toml"), &sets).expect("config");
-    let head = pipeline::study::train_head(&config).expect("train-head");
+    let head = pipeline::training::study::train_head(&config).expect("train-head");
     assert!(head.dir.join("metrics.json").is_file());
     let mut quick = sets.clone();
     quick.extend(["cnn.epochs=1".to_string(), "cnn.input_size=32".to_string()]);
     let config_cnn = Config::load(&dir.join("pipeline.toml"), &quick).expect("config");
-    pipeline::study::train_cnn(&config_cnn).expect("train-cnn");
-    pipeline::predict::run(&config).expect("predict");
+    pipeline::training::study::train_cnn(&config_cnn).expect("train-cnn");
+    pipeline::inference::predict::run(&config).expect("predict");
     let predictions = std::fs::read_to_string(dir.join("predictions.csv")).expect("csv");
     assert_eq!(predictions.lines().count(), 1 + 4, "{predictions}");
     assert!(predictions.contains("t003.jpg"), "{predictions}");

@@ -16,10 +16,10 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use pipeline::backbone::BackboneOptions;
-use pipeline::cnn::{Cnn, CnnShape};
-use pipeline::rng::Rng;
-use pipeline::train::{Model, Rows};
+use pipeline::features::BackboneOptions;
+use pipeline::models::{Cnn, CnnShape};
+use pipeline::training::Rng;
+use pipeline::training::{Model, Rows};
 use pipeline::{Vgg16Features, Weights};
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;

@@ -7,7 +7,7 @@
 //! backward and optimizer times and each epoch's time.
 //!
 //! `bench_train head [rows] [dim] [batch] [epochs]`: the linear head trained with
-//! [`pipeline::train::fit`] on random features (all rows train; the first fifth also
+//! [`pipeline::training::fit`] on random features (all rows train; the first fifth also
 //! validate, every epoch); prints the total time.
 //!
 //! Output: one `key value` line per measure, for the shell script to collect.
@@ -16,11 +16,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use pipeline::cnn::{Cnn, CnnShape};
 use pipeline::config::{HeadKind, TrainSettings};
-use pipeline::head::{Head, HeadShape};
-use pipeline::rng::Rng;
-use pipeline::train::{fit, Labelled, Model, Rows, TrainOptions};
+use pipeline::models::{Cnn, CnnShape};
+use pipeline::models::{Head, HeadShape};
+use pipeline::training::Rng;
+use pipeline::training::{fit, Labelled, Model, Rows, TrainOptions};
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 

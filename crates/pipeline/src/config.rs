@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::fetch;
 use crate::error::{Error, IoContext, Result};
-use crate::fetch;
 
 /// The whole configuration. Every section and key has a default.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -408,7 +408,7 @@ pub struct HeadConfig {
     /// Dropout of the mlp head. Default: 0.5.
     pub dropout: f32,
     /// Feature scaling fitted on the training rows and saved with the head. Default: none.
-    pub scaling: crate::scaling::Scaling,
+    pub scaling: crate::models::scaling::Scaling,
     /// The logistic head's inverse penalties `C` (lambda = 1 / (C n)); with more than one,
     /// cross-validation picks one. Default: 1e-4, 1e-3, ..., 1e4.
     pub c: Vec<f64>,
@@ -423,8 +423,8 @@ impl Default for HeadConfig {
         Self {
             kind: HeadKind::Linear,
             dropout: 0.5,
-            scaling: crate::scaling::Scaling::None,
-            c: crate::logistic::C_GRID.to_vec(),
+            scaling: crate::models::scaling::Scaling::None,
+            c: crate::models::logistic::C_GRID.to_vec(),
             cv_folds: 5,
             train: TrainSettings::new(0.0005, 30, 128),
         }
@@ -440,7 +440,7 @@ pub enum HeadKind {
     /// The VGG classifier: features -> 4096 -> 4096 -> classes, ReLU and dropout.
     Mlp,
     /// features -> classes: L2-penalised multinomial logistic regression solved to
-    /// convergence, the penalty chosen by cross-validation ([`crate::logistic`]).
+    /// convergence, the penalty chosen by cross-validation ([`crate::models::logistic`]).
     Logistic,
 }
 
@@ -596,12 +596,12 @@ impl Config {
         if self.extract.batch_size == 0 {
             return bad("extract.batch_size", "must be at least 1");
         }
-        if self.extract.batch_size > crate::store::shard::MAX_SHARD_ROWS {
+        if self.extract.batch_size > crate::features::store::shard::MAX_SHARD_ROWS {
             return bad(
                 "extract.batch_size",
                 &format!(
                     "must be at most {} (rows per store shard)",
-                    crate::store::shard::MAX_SHARD_ROWS
+                    crate::features::store::shard::MAX_SHARD_ROWS
                 ),
             );
         }

@@ -1,45 +1,29 @@
-//! The transfer-learning pipeline as a library: the binaries only parse arguments and call
-//! one function here. Modules follow the data flow: config -> dataset -> preprocess ->
-//! weights -> backbone -> store (content-addressed feature store) -> extract; `fetch`
-//! downloads missing data and weights on first use.
+//! The transfer-learning pipeline as a library: the binaries only parse arguments and call one
+//! function here. The folders follow the data flow:
+//!
+//! `config` -> [`data`] (dataset, preprocessing, split; downloads on first use) ->
+//! [`features`] (weights, frozen backbones, the feature store, `extract`) -> [`models`]
+//! (heads, CNN baseline, fine-tuned block 5) -> [`training`] (the loop, `train-head`,
+//! `train-cnn`) -> [`reporting`] (run directories, charts, the comparison) and
+//! [`inference`] (`predict`).
 
 pub mod allocator;
-pub mod backbone;
 pub mod cli;
-pub mod cnn;
 pub mod config;
-pub mod dataset;
+pub mod data;
 pub mod device;
-pub mod efficientnet;
 pub mod error;
-pub mod extract;
-pub mod fetch;
-pub mod finetune;
-pub mod head;
-pub mod logistic;
-pub mod metrics;
-pub mod nhwc;
-pub mod ops;
-pub mod params;
-pub mod plot;
-pub mod predict;
-pub mod preprocess;
-pub mod progress;
-pub mod report;
-pub mod rng;
-pub mod runs;
-pub mod scaling;
-pub mod split;
-pub mod store;
-pub mod study;
-pub mod train;
-pub mod weights;
+pub mod features;
+pub mod inference;
+pub mod models;
+pub(crate) mod progress;
+pub mod reporting;
+pub mod training;
 
-pub use backbone::Vgg16Features;
 pub use config::Config;
-pub use dataset::{Dataset, Sample};
-pub use efficientnet::EfficientNetLite0;
+pub use data::{Dataset, Preprocessing, Sample};
 pub use error::{Error, Result};
-pub use preprocess::Preprocessing;
-pub use store::{CacheKey, FeatureSet, RowMap, Store};
-pub use weights::{Weights, WeightsSource};
+pub use features::{
+    BackboneOptions, CacheKey, EfficientNetLite0, FeatureSet, RowMap, Store, Vgg16Features,
+    Weights, WeightsSource,
+};

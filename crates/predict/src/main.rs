@@ -5,7 +5,7 @@ fn main() -> std::process::ExitCode {
         "predict",
         "label new images with a trained head (writes a CSV of labels and probabilities)",
         |config| {
-            println!("{}", pipeline::predict::run(config)?);
+            println!("{}", pipeline::inference::predict::run(config)?);
             Ok(())
         },
     )

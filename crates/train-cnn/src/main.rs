@@ -6,7 +6,7 @@ fn main() -> std::process::ExitCode {
         "train-cnn",
         "train the from-scratch CNN baseline on the images",
         |config| {
-            let outcome = pipeline::study::train_cnn(config)?;
+            let outcome = pipeline::training::study::train_cnn(config)?;
             println!("\n{}", outcome.table);
             println!(
                 "run: {} (report.md, metrics.json, plots)",

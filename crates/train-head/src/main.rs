@@ -6,7 +6,7 @@ fn main() -> std::process::ExitCode {
         "train-head",
         "train a classifier head on the cached backbone features",
         |config| {
-            let outcome = pipeline::study::train_head(config)?;
+            let outcome = pipeline::training::study::train_head(config)?;
             println!("\n{}", outcome.table);
             println!(
                 "run: {} (report.md, metrics.json, plots)",

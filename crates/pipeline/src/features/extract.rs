@@ -1,0 +1,873 @@
+//! `extract`: dataset -> content hashes -> work plan -> decoded batches -> frozen backbone ->
+//! feature store.
+//!
+//! Planning: the dataset's distinct content hashes, in order of first appearance, are cut into
+//! batches of `batch_size`; the hashes of a batch that the store lacks are computed together
+//! and written as one shard. Appending rows or changing an image therefore computes only
+//! those images, duplicates are computed once, removed rows cost nothing, and a rerun after a
+//! kill computes only what is missing. [`assigned`] is where a `--shard K/N` task would pick
+//! its batches.
+//!
+//! The host pipeline keeps the network busy: a decoder thread decodes and resizes the next
+//! batches (rayon across all cores, at most two batches ahead), the network runs on the
+//! calling thread, and a writer thread serialises, fsyncs and renames the shards (fed by a
+//! bounded channel), so the network never waits on JPEG decoding or on the disk. An error on
+//! any side stops the run with that error; shards already renamed stay valid.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Config, DataConfig, OnBadImage};
+use crate::data::dataset::{content_hashes_within, Dataset, InputLimits, Sample};
+use crate::data::preprocess::{Partial, Preprocessing};
+use crate::device::{describe, DeviceChoice};
+use crate::error::{Error, Result};
+use crate::features::backbone::{BackboneOptions, Vgg16Features};
+use crate::features::store::rowmap::{self, describe_changes, view_id, KIND_DATASET};
+use crate::features::store::{
+    CacheKey, FeatureSet, Folder, Index, Row, RowMap, Store, FORMAT_VERSION,
+};
+use crate::features::weights::{Weights, WeightsSource};
+use crate::progress::Progress;
+
+/// Everything resolved before any pixel goes through the network.
+pub struct Plan {
+    pub dataset: Dataset,
+    /// Content hash of every sample's file; `None` where it could not be read (skip mode).
+    pub hashes: Vec<Option<String>>,
+    pub weights: Weights,
+    pub preprocessing: Preprocessing,
+    /// The feature space.
+    pub key: CacheKey,
+    /// Where the rows come from (canonical paths), as recorded in the row map.
+    pub source: String,
+    /// The row map's id: (dataset, source, space).
+    pub view: String,
+    /// The row map's rows (skip reasons of unreadable files filled in; of undecodable ones
+    /// not yet).
+    pub rows: Vec<Row>,
+    /// Fingerprint of the classes and rows.
+    pub fingerprint: String,
+}
+
+impl Plan {
+    /// Loads the dataset, hashes its files, opens the weights and works out the preprocessing
+    /// and the feature space. With `on_bad_image = "error"`, a missing image fails here,
+    /// before any work is done.
+    pub fn new(config: &Config) -> Result<Self> {
+        let dataset = Dataset::load(&config.data)?;
+        let source = WeightsSource::parse(&config.backbone.weights);
+        let weights = Weights::open(source.resolve()?)?;
+        let preprocessing = Partial::from_config(&config.preprocess)
+            .or(Partial::from_metadata(&weights.metadata, &weights.path)?)
+            .or(source.known_preprocessing())
+            .complete(config.preprocess.resize, &config.backbone.weights)?;
+        let (hashes, unreadable) =
+            hash_rows(&dataset.samples, &dataset.limits, config.data.on_bad_image)?;
+        let key = space_key(config, &weights, &preprocessing);
+        let source = data_source(&config.data);
+        let view = view_id(KIND_DATASET, &source, &key.id());
+        let rows: Vec<Row> = dataset
+            .samples
+            .iter()
+            .zip(&hashes)
+            .zip(unreadable)
+            .map(|((s, h), why)| Row {
+                id: s.id.clone(),
+                label: s.label,
+                hash: h.clone(),
+                skipped: why,
+            })
+            .collect();
+        let fingerprint = rowmap::fingerprint(&dataset.classes, &rows);
+        Ok(Self {
+            dataset,
+            hashes,
+            weights,
+            preprocessing,
+            key,
+            source,
+            view,
+            rows,
+            fingerprint,
+        })
+    }
+
+    /// The row map of this plan, with skip reasons per content hash.
+    fn row_map(&self, config: &Config, bad: &HashMap<String, String>, complete: bool) -> RowMap {
+        let rows: Vec<Row> = self
+            .rows
+            .iter()
+            .map(|r| Row {
+                skipped: r
+                    .skipped
+                    .clone()
+                    .or_else(|| r.hash.as_ref().and_then(|h| bad.get(h).cloned())),
+                ..r.clone()
+            })
+            .collect();
+        RowMap {
+            format: FORMAT_VERSION,
+            kind: KIND_DATASET.into(),
+            source: self.source.clone(),
+            space: self.key.id(),
+            weights: config.backbone.weights.clone(),
+            classes: self.dataset.classes.clone(),
+            batch_size: config.extract.batch_size,
+            fingerprint: self.fingerprint.clone(),
+            complete,
+            counts: rowmap::count(&rows),
+            rows,
+            written_by: written_by(),
+        }
+    }
+}
+
+/// The feature space a config and its weights define.
+pub fn space_key(config: &Config, weights: &Weights, preprocessing: &Preprocessing) -> CacheKey {
+    CacheKey {
+        format: FORMAT_VERSION,
+        backbone: format!("{:?}", config.backbone.name).to_lowercase(),
+        weights_sha256: weights.sha256.clone(),
+        preprocessing: preprocessing.clone(),
+        dtype: format!("{:?}", config.extract.dtype).to_lowercase(),
+        compute: config.extract.compute.name().into(),
+        dim: Vgg16Features::feature_dim(preprocessing.input_size),
+    }
+}
+
+/// The canonical description of a dataset's origin (part of its row map's identity).
+pub fn data_source(d: &DataConfig) -> String {
+    let show = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    match (show(&d.csv), show(&d.images), show(&d.root)) {
+        (Some(csv), Some(images), _) => format!(
+            "csv {csv} images {images} columns {} {}",
+            d.image_column, d.label_column
+        ),
+        (_, _, Some(root)) => format!("folders {root}"),
+        _ => String::new(),
+    }
+}
+
+fn written_by() -> String {
+    format!("pipeline {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Content hashes of the dataset's files. With `on_bad_image = "error"` an unreadable file is an
+/// error naming it and its line; otherwise its hash is `None`.
+pub fn hash_samples(dataset: &Dataset, on_bad_image: OnBadImage) -> Result<Vec<Option<String>>> {
+    Ok(hash_rows(&dataset.samples, &dataset.limits, on_bad_image)?.0)
+}
+
+/// Per row: its content hash, or (skip mode) why its file could not be read.
+type HashedRows = (Vec<Option<String>>, Vec<Option<String>>);
+
+/// Content hashes, and for unreadable files (skip mode) the reason.
+fn hash_rows(
+    samples: &[Sample],
+    limits: &InputLimits,
+    on_bad_image: OnBadImage,
+) -> Result<HashedRows> {
+    let mut hashes = Vec::with_capacity(samples.len());
+    let mut reasons = Vec::with_capacity(samples.len());
+    for (s, h) in samples.iter().zip(content_hashes_within(samples, limits)) {
+        match h {
+            Ok(h) => {
+                hashes.push(Some(h));
+                reasons.push(None);
+            }
+            Err(e) if on_bad_image == OnBadImage::Error => return Err(with_line(e, s.line)),
+            Err(e) => {
+                hashes.push(None);
+                reasons.push(Some(e.to_string()));
+            }
+        }
+    }
+    Ok((hashes, reasons))
+}
+
+/// The unit of work: the distinct content hashes of a dataset in order of first appearance
+/// (each with its first row), cut into batches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Work {
+    /// (content hash, first dataset row with it).
+    pub unique: Vec<(String, usize)>,
+    pub batch_size: usize,
+}
+
+impl Work {
+    /// Plans the batches of `hashes` (rows without a hash are left out).
+    pub fn new(hashes: &[Option<String>], batch_size: usize) -> Self {
+        let mut seen = HashSet::new();
+        let unique = hashes
+            .iter()
+            .enumerate()
+            .filter_map(|(row, h)| {
+                let h = h.as_ref()?;
+                seen.insert(h.as_str()).then(|| (h.clone(), row))
+            })
+            .collect();
+        Self {
+            unique,
+            batch_size: batch_size.max(1),
+        }
+    }
+
+    /// The batches: (batch index, its hashes with their first rows).
+    pub fn batches(&self) -> impl Iterator<Item = (usize, &[(String, usize)])> {
+        self.unique.chunks(self.batch_size).enumerate()
+    }
+
+    /// The batch a unique hash's position falls in.
+    pub fn batch_of(&self, position: usize) -> usize {
+        position / self.batch_size
+    }
+}
+
+/// Whether batch `batch` is this task's work: every batch for an unsharded run; with
+/// `Some((k, n))` (task k of n, the coming `--shard K/N`), batch b belongs to task b mod n.
+pub fn assigned(batch: usize, shard: Option<(usize, usize)>) -> bool {
+    match shard {
+        None => true,
+        Some((k, n)) => n > 0 && batch % n == k,
+    }
+}
+
+/// What a run did, for the closing summary line.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Rows of the dataset.
+    pub rows: usize,
+    /// Distinct images (content hashes) among them.
+    pub unique: usize,
+    /// Rows with features in the store.
+    pub images: usize,
+    /// Images run through the network by this run.
+    pub computed: usize,
+    /// Distinct images found in the store already.
+    pub reused: usize,
+    /// Rows left out as bad images.
+    pub skipped: usize,
+    pub seconds: f64,
+    pub device: String,
+    pub dir: PathBuf,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rate = self.computed as f64 / self.seconds.max(1e-9);
+        write!(
+            f,
+            "extract: {} computed now, {} reused (of {} rows, {} unique images); {} images stored, \
+             {:.1} s, {:.2} images/s, device {}, store {}",
+            self.computed,
+            self.reused,
+            self.rows,
+            self.unique,
+            self.images,
+            self.seconds,
+            rate,
+            self.device,
+            self.dir.display()
+        )?;
+        if self.skipped > 0 {
+            write!(
+                f,
+                ", {} bad images skipped (listed in the row map)",
+                self.skipped
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs extraction as configured: computes what the store lacks, reuses the rest.
+pub fn run(config: &Config) -> Result<Summary> {
+    run_part(config, None)
+}
+
+/// `extract --gc`: deletes the store's unreferenced shards; returns the report.
+pub fn gc(config: &Config) -> Result<crate::features::store::GcReport> {
+    let out = &config.extract.out;
+    let problem = match crate::features::store::inspect(out)? {
+        Folder::Ours => None,
+        Folder::Absent | Folder::Empty => Some("no feature store here: nothing to collect"),
+        Folder::V1(_) => Some("an old feature cache (format 1): run `cargo run -p extract` first"),
+        Folder::Foreign(entries) => {
+            return Err(crate::features::store::foreign_error(out, &entries))
+        }
+    };
+    if let Some(message) = problem {
+        return Err(Error::Cache {
+            path: out.clone(),
+            message: message.into(),
+        });
+    }
+    let store = Store::open_exclusive(out, config.extract.lock_wait(), "extract")?;
+    store.gc("extract")
+}
+
+/// Extraction of the batches [`assigned`] to `part` (`None`: all of them).
+///
+/// The seam for `--shard K/N`: such a task would take the shared lock (its shard writes are
+/// content-addressed renames), skip temporary clean-up and invalid-shard removal, and write
+/// the row map only as a record of its part; everything else here is per batch already.
+fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
+    let start = Instant::now();
+    let plan = Plan::new(config)?;
+    let store = Store::open_exclusive(&config.extract.out, config.extract.lock_wait(), "extract")?;
+    store.ensure_space(&plan.key)?;
+    let mut index = store.index(&plan.key, "extract")?;
+    let work = Work::new(&plan.hashes, config.extract.batch_size);
+    let mine: Vec<(usize, &[(String, usize)])> =
+        work.batches().filter(|(b, _)| assigned(*b, part)).collect();
+
+    // Reused shards are read in full once (checksums), so a corrupt one is recomputed now
+    // rather than found by train-head.
+    let reused: BTreeSet<usize> = mine
+        .iter()
+        .flat_map(|(_, items)| items.iter())
+        .filter_map(|(h, _)| index.locate(h).map(|(s, _)| s))
+        .collect();
+    let reused: Vec<usize> = reused.into_iter().collect();
+    let corrupt = index.verify(&reused);
+    for (s, reason) in &corrupt {
+        eprintln!("extract: removing corrupt shard: {reason}");
+        store.remove_shard(&index.shards()[*s].0)?;
+    }
+    index.remove(&corrupt.iter().map(|c| c.0).collect::<Vec<_>>());
+
+    // Undecodable images a previous run of this view recorded are not decoded again.
+    let mut bad: HashMap<String, String> = HashMap::new();
+    if config.data.on_bad_image == OnBadImage::Skip {
+        if let Ok(Some(previous)) = store.read_row_map(&plan.view) {
+            bad.extend(
+                previous
+                    .bad_hashes()
+                    .into_iter()
+                    .map(|(h, r)| (h.to_string(), r.to_string())),
+            );
+        }
+    }
+    let jobs: Vec<Job> = mine
+        .iter()
+        .filter_map(|(_, items)| {
+            let missing: Vec<(String, usize)> = items
+                .iter()
+                .filter(|(h, _)| !index.contains(h) && !bad.contains_key(h))
+                .cloned()
+                .collect();
+            (!missing.is_empty()).then_some(Job { items: missing })
+        })
+        .collect();
+    let mine_unique: usize = mine.iter().map(|(_, items)| items.len()).sum();
+    let to_compute: usize = jobs.iter().map(|j| j.items.len()).sum();
+    let reused = mine
+        .iter()
+        .flat_map(|(_, items)| items.iter())
+        .filter(|(h, _)| index.contains(h))
+        .count();
+
+    // The device and the backbone are ready before anything is written: a `cuda` that
+    // cannot be kept, or arithmetic the device lacks, fails here and leaves the store as it
+    // was.
+    let backbone = if jobs.is_empty() {
+        None
+    } else {
+        let device = DeviceChoice::parse(&config.extract.device)?.open_logged("extract")?;
+        let model = load_backbone(&plan.weights, &device, config)?;
+        Some((device, model))
+    };
+    // The row map first says "incomplete", so that readers never take a half-done
+    // extraction for a finished one.
+    store.write_row_map(&plan.view, &plan.row_map(config, &bad, false))?;
+    let (device_name, computed) = if let Some((device, model)) = backbone {
+        let device_name = describe(&device);
+        eprintln!(
+            "extract: {to_compute} of {mine_unique} unique images to compute in {} batches on {device_name}; {reused} reused from {}",
+            jobs.len(),
+            store.dir().display()
+        );
+        let engine = Engine {
+            model: &model,
+            device: &device,
+            prep: &plan.preprocessing,
+            limits: &plan.dataset.limits,
+            key: &plan.key,
+            on_bad_image: config.data.on_bad_image,
+            program: "extract",
+        };
+        let mut written = Vec::new();
+        let outcome = compute_jobs(&engine, &plan.dataset.samples, &jobs, |c: Computed| {
+            written.push(store.write_shard(&plan.key, c.hashes, &c.data)?);
+            Ok(())
+        })?;
+        for (path, header) in written {
+            index.add(path, header);
+        }
+        bad.extend(outcome.skipped);
+        (device_name, outcome.computed)
+    } else {
+        eprintln!(
+            "extract: store {} is up to date: all {} images of this dataset are stored ({} reused): nothing to compute",
+            store.dir().display(),
+            mine_unique,
+            reused
+        );
+        ("none".to_string(), 0)
+    };
+    let map = plan.row_map(config, &bad, true);
+    // Every row must now be stored or skipped: checked, not assumed.
+    let lacking = map
+        .rows
+        .iter()
+        .filter(|r| r.skipped.is_none() && !r.hash.as_ref().is_some_and(|h| index.contains(h)))
+        .count();
+    if part.is_none() && lacking > 0 {
+        return Err(Error::Cache {
+            path: store.dir().to_owned(),
+            message: format!("{lacking} rows have no features after extraction"),
+        });
+    }
+    if map.counts.stored == 0 {
+        return Err(Error::EmptyDataset(plan.dataset.source.clone()));
+    }
+    store.write_row_map(&plan.view, &map)?;
+    Ok(Summary {
+        rows: map.counts.rows,
+        unique: map.counts.unique,
+        images: map.counts.stored,
+        computed,
+        reused,
+        skipped: map.counts.skipped,
+        seconds: start.elapsed().as_secs_f64(),
+        device: device_name,
+        dir: store.dir().to_owned(),
+    })
+}
+
+/// The features of the dataset `plan` describes, from the store `[extract] out`, in dataset
+/// row order; an error says exactly what is missing or different and to run `extract`.
+pub fn load_features(config: &Config, plan: &Plan) -> Result<FeatureSet> {
+    let dir = &config.extract.out;
+    let cache_err = |message: String| Error::Cache {
+        path: dir.clone(),
+        message,
+    };
+    let store =
+        Store::open_shared(dir, config.extract.lock_wait(), "train-head")?.ok_or_else(|| {
+            cache_err("no feature store here: run `cargo run -p extract` first".into())
+        })?;
+    let Some(map) = store.read_row_map(&plan.view)? else {
+        // The same dataset in another space: say which inputs differ.
+        let spaces: HashMap<String, CacheKey> = store.spaces()?.into_iter().collect();
+        let other = store
+            .row_maps()?
+            .into_iter()
+            .filter(|(_, m)| m.kind == KIND_DATASET && m.source == plan.source)
+            .find_map(|(_, m)| spaces.get(&m.space).cloned());
+        return Err(cache_err(match other {
+            Some(k) => format!(
+                "made from other inputs than the config names ({} differ): run `cargo run -p extract` to extract this dataset with them",
+                k.differences(&plan.key).join(", ")
+            ),
+            None => format!(
+                "holds no features of this dataset ({}): run `cargo run -p extract` first",
+                plan.source
+            ),
+        }));
+    };
+    if map.fingerprint != plan.fingerprint {
+        return Err(cache_err(format!(
+            "made from other inputs than the config names (the dataset changed since extraction: {}): run `cargo run -p extract` to update it",
+            describe_changes(&map.classes, &map.rows, &plan.dataset.classes, &plan.rows)
+        )));
+    }
+    let index = store.index(&plan.key, "train-head")?;
+    let work = Work::new(&plan.hashes, map.batch_size);
+    let mut missing_batches = BTreeSet::new();
+    let mut missing = 0;
+    for (position, (hash, row)) in work.unique.iter().enumerate() {
+        let skipped = map.rows[*row].skipped.is_some();
+        if !skipped && !index.contains(hash) {
+            missing += 1;
+            missing_batches.insert(work.batch_of(position));
+        }
+    }
+    if missing > 0 {
+        let listed: Vec<String> = missing_batches
+            .iter()
+            .take(10)
+            .map(|b| b.to_string())
+            .collect();
+        let more = missing_batches.len().saturating_sub(10);
+        return Err(cache_err(format!(
+            "{}{missing} of {} images of this dataset are not in the store (batch{} {}{} of {} images): run `cargo run -p extract` to finish it",
+            if map.complete { "" } else { "incomplete (extraction was interrupted): " },
+            work.unique.len(),
+            if missing_batches.len() == 1 { "" } else { "es" },
+            listed.join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() },
+            work.batch_size
+        )));
+    }
+    let kept: Vec<usize> = (0..map.rows.len())
+        .filter(|&r| map.rows[r].skipped.is_none())
+        .collect();
+    if kept.is_empty() {
+        return Err(Error::EmptyDataset(plan.dataset.source.clone()));
+    }
+    let hashes: Vec<&str> = kept
+        .iter()
+        .filter_map(|&r| plan.rows[r].hash.as_deref())
+        .collect();
+    if hashes.len() != kept.len() {
+        return Err(cache_err("a stored row has no content hash".into()));
+    }
+    let values = index.gather(&hashes)?;
+    let features = Tensor::from_vec(values, (kept.len(), plan.key.dim), &Device::Cpu)?;
+    let samples = &plan.dataset.samples;
+    Ok(FeatureSet {
+        features,
+        labels: kept
+            .iter()
+            .map(|&r| samples[r].label.unwrap_or(0))
+            .collect(),
+        ids: kept.iter().map(|&r| samples[r].id.clone()).collect(),
+        rows: kept,
+        key: plan.key.clone(),
+        row_map: map,
+    })
+}
+
+/// The backbone as `[extract]` configures it, on `device`.
+pub fn load_backbone(weights: &Weights, device: &Device, config: &Config) -> Result<Vgg16Features> {
+    Vgg16Features::load(
+        weights,
+        device,
+        &BackboneOptions::from_config(&config.extract),
+    )
+}
+
+/// One unit of computation: the images of one planned batch that the store lacks.
+pub(crate) struct Job {
+    /// (content hash, sample index of its first row).
+    pub items: Vec<(String, usize)>,
+}
+
+/// A computed batch on its way to the writer: the decodable images' hashes and their
+/// features as raw little-endian bytes of the stored dtype.
+pub(crate) struct Computed {
+    pub hashes: Vec<String>,
+    pub data: Vec<u8>,
+}
+
+/// What the network did.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    /// Images run through the network.
+    pub computed: usize,
+    /// Undecodable images (skip mode): (content hash, reason).
+    pub skipped: Vec<(String, String)>,
+}
+
+/// The fixed parts of a computation.
+pub(crate) struct Engine<'a> {
+    pub model: &'a Vgg16Features,
+    pub device: &'a Device,
+    pub prep: &'a Preprocessing,
+    /// File size and pixel limits of the images read.
+    pub limits: &'a InputLimits,
+    pub key: &'a CacheKey,
+    pub on_bad_image: OnBadImage,
+    /// "extract" or "predict", for messages.
+    pub program: &'a str,
+}
+
+/// Batches the writer may hold before the network waits for the disk.
+const WRITE_AHEAD: usize = 2;
+
+/// Runs `jobs` through the network with decoding ahead on a decoder thread and `write` called
+/// on a writer thread for every computed batch, in order. The first error (decoding in error
+/// mode, the network, `write`) stops all three and is returned.
+pub(crate) fn compute_jobs<W>(
+    engine: &Engine,
+    samples: &[Sample],
+    jobs: &[Job],
+    mut write: W,
+) -> Result<Outcome>
+where
+    W: FnMut(Computed) -> Result<()> + Send,
+{
+    let total: usize = jobs.iter().map(|j| j.items.len()).sum();
+    let prep = engine.prep;
+    std::thread::scope(|scope| {
+        // Capacity 1 plus the batch the decoder holds while blocked on `send`: at most two
+        // batches decoded ahead of the network.
+        let (decoded_tx, decoded_rx) = mpsc::sync_channel::<Vec<Result<Vec<f32>>>>(1);
+        scope.spawn(move || {
+            for job in jobs {
+                let paths: Vec<&Path> = job
+                    .items
+                    .iter()
+                    .map(|(_, s)| samples[*s].path.as_path())
+                    .collect();
+                if decoded_tx
+                    .send(prep.load_many_within(&paths, engine.limits))
+                    .is_err()
+                {
+                    return; // the network stopped on an error
+                }
+            }
+        });
+        let (write_tx, write_rx) = mpsc::sync_channel::<Computed>(WRITE_AHEAD);
+        let writer = scope.spawn(move || -> Result<()> {
+            for c in write_rx {
+                write(c)?;
+            }
+            Ok(())
+        });
+        let result = network(engine, samples, jobs, total, decoded_rx, write_tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let outcome = result?;
+        written?;
+        if outcome.computed + outcome.skipped.len() != total {
+            return Err(Error::Cache {
+                path: PathBuf::from(engine.program),
+                message: "the decoder stopped before every batch was computed".into(),
+            });
+        }
+        Ok(outcome)
+    })
+}
+
+/// The network's loop on the calling thread. It owns both channel ends it uses, so returning
+/// (on success or error) drops them: the decoder then stops at its next send, and the writer
+/// after draining what it was given.
+fn network(
+    engine: &Engine,
+    samples: &[Sample],
+    jobs: &[Job],
+    total: usize,
+    decoded: mpsc::Receiver<Vec<Result<Vec<f32>>>>,
+    to_writer: mpsc::SyncSender<Computed>,
+) -> Result<Outcome> {
+    let mut progress = Progress::new(engine.program, "images", total as u64);
+    let mut outcome = Outcome::default();
+    for (job, pixels) in jobs.iter().zip(decoded.iter()) {
+        if let Some(c) = run_batch(engine, samples, job, pixels, &mut outcome)? {
+            if to_writer.send(c).is_err() {
+                break; // the writer failed: its error is reported by the caller
+            }
+        }
+        progress.inc(job.items.len() as u64);
+    }
+    progress.finish();
+    Ok(outcome)
+}
+
+/// Decoded pixels of one job -> features; `None` when every image was undecodable (skip mode).
+fn run_batch(
+    engine: &Engine,
+    samples: &[Sample],
+    job: &Job,
+    decoded: Vec<Result<Vec<f32>>>,
+    outcome: &mut Outcome,
+) -> Result<Option<Computed>> {
+    let mut pixels = Vec::with_capacity(job.items.len() * engine.prep.len());
+    let mut hashes = Vec::with_capacity(job.items.len());
+    for ((hash, s), result) in job.items.iter().zip(decoded) {
+        let sample = &samples[*s];
+        match result {
+            Ok(p) => {
+                pixels.extend(p);
+                hashes.push(hash.clone());
+            }
+            Err(e) if engine.on_bad_image == OnBadImage::Error => {
+                return Err(with_line(e, sample.line))
+            }
+            Err(e) => {
+                eprintln!("{}: skipping {}: {e}", engine.program, sample.id);
+                outcome.skipped.push((hash.clone(), e.to_string()));
+            }
+        }
+    }
+    if hashes.is_empty() {
+        return Ok(None);
+    }
+    let n = hashes.len();
+    let s = engine.prep.input_size as usize;
+    let x = Tensor::from_vec(pixels, (n, 3, s, s), engine.device)?;
+    let features = engine
+        .model
+        .forward(&x)?
+        .to_dtype(engine.key.store_dtype())?
+        .to_device(&Device::Cpu)?;
+    let data = raw_bytes(&features)?;
+    outcome.computed += n;
+    Ok(Some(Computed { hashes, data }))
+}
+
+/// The little-endian bytes of a CPU tensor of f32, f16 or bf16 values, in row-major order.
+fn raw_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let flat = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F16 => flat
+            .to_vec1::<half::f16>()?
+            .into_iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => flat
+            .to_vec1::<half::bf16>()?
+            .into_iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        _ => flat
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+    })
+}
+
+/// Adds the label-file line to an image error, so the user can find the row.
+pub(crate) fn with_line(e: Error, line: usize) -> Error {
+    match e {
+        Error::BadImage { path, message } if line > 0 => Error::BadImage {
+            path,
+            message: format!("{message} (line {line} of the label file)"),
+        },
+        e => e,
+    }
+}
+
+/// An index over no store (predict without a store).
+pub(crate) fn empty_index(key: &CacheKey) -> Index {
+    Index::empty(Path::new(""), key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(c: char) -> Option<String> {
+        Some(c.to_string().repeat(64))
+    }
+
+    #[test]
+    fn work_is_unique_hashes_in_first_appearance_order_cut_into_batches() {
+        let hashes = [h('a'), h('b'), h('a'), None, h('c'), h('d'), h('b'), h('e')];
+        let w = Work::new(&hashes, 2);
+        let order: Vec<(char, usize)> = w
+            .unique
+            .iter()
+            .map(|(h, r)| (h.chars().next().unwrap_or(' '), *r))
+            .collect();
+        assert_eq!(order, [('a', 0), ('b', 1), ('c', 4), ('d', 5), ('e', 7)]);
+        let sizes: Vec<(usize, usize)> = w.batches().map(|(b, i)| (b, i.len())).collect();
+        assert_eq!(sizes, [(0, 2), (1, 2), (2, 1)]);
+        assert_eq!(w.batch_of(4), 2);
+        // Appending a row adds to the last batch only.
+        let mut more = hashes.to_vec();
+        more.push(h('f'));
+        let w2 = Work::new(&more, 2);
+        assert_eq!(w2.unique[..5], w.unique[..]);
+    }
+
+    #[test]
+    fn an_error_on_either_side_stops_the_pipeline_with_that_error() {
+        use crate::features::backbone::BackboneOptions;
+        let dir = testkit::temp_dir("pipeline-errors");
+        testkit::write_dataset(&dir, 6);
+        let path = dir.join("w.safetensors");
+        testkit::write_vgg_weights(&path, |_, _| None);
+        let weights = Weights::open(path).expect("weights");
+        let model = Vgg16Features::load(&weights, &Device::Cpu, &BackboneOptions::default())
+            .expect("model");
+        let key = crate::features::store::example_key(32, "f32");
+        let samples: Vec<Sample> = (0..6)
+            .map(|i| Sample {
+                id: format!("img{i:03}.png"),
+                path: dir.join(format!("images/img{i:03}.png")),
+                label: Some(0),
+                line: i + 2,
+            })
+            .collect();
+        let jobs: Vec<Job> = (0..3)
+            .map(|b| Job {
+                items: (2 * b..2 * b + 2)
+                    .map(|s| (format!("{s:064x}"), s))
+                    .collect(),
+            })
+            .collect();
+        let limits = crate::data::dataset::InputLimits::default();
+        let mut engine = Engine {
+            model: &model,
+            device: &Device::Cpu,
+            prep: &key.preprocessing,
+            limits: &limits,
+            key: &key,
+            on_bad_image: OnBadImage::Error,
+            program: "test",
+        };
+        let mut written = 0;
+        let all = compute_jobs(&engine, &samples, &jobs, |c: Computed| {
+            assert_eq!(c.data.len(), c.hashes.len() * key.dim * 4);
+            written += 1;
+            Ok(())
+        })
+        .expect("runs");
+        assert_eq!((all.computed, written), (6, 3));
+        // The writer fails on its second batch: that error, and no third write.
+        let mut calls = 0;
+        let err = compute_jobs(&engine, &samples, &jobs, |_: Computed| {
+            calls += 1;
+            match calls {
+                2 => Err(Error::Cache {
+                    path: "disk".into(),
+                    message: "no space left".into(),
+                }),
+                _ => Ok(()),
+            }
+        })
+        .expect_err("writer error");
+        assert!(err.to_string().contains("no space left"), "{err}");
+        assert_eq!(calls, 2);
+        // The decoder meets a missing image in the third batch: that error, naming it.
+        std::fs::remove_file(&samples[4].path).expect("rm");
+        let mut batches = 0;
+        let err = compute_jobs(&engine, &samples, &jobs, |_: Computed| {
+            batches += 1;
+            Ok(())
+        })
+        .expect_err("decode error");
+        let text = err.to_string();
+        assert!(
+            text.contains("img004.png") && text.contains("line 6"),
+            "{text}"
+        );
+        assert_eq!(batches, 2);
+        // Skip mode: the missing image is reported, the rest computed.
+        engine.on_bad_image = OnBadImage::Skip;
+        let out = compute_jobs(&engine, &samples, &jobs, |_: Computed| Ok(())).expect("skips");
+        assert_eq!((out.computed, out.skipped.len()), (5, 1));
+        assert_eq!(out.skipped[0].0, format!("{:064x}", 4));
+    }
+
+    #[test]
+    fn batches_are_partitioned_round_robin_between_tasks() {
+        for b in 0..10 {
+            assert!(assigned(b, None));
+            let owners: Vec<usize> = (0..3).filter(|&k| assigned(b, Some((k, 3)))).collect();
+            assert_eq!(owners, vec![b % 3]);
+        }
+        assert!(!assigned(0, Some((0, 0))));
+    }
+}

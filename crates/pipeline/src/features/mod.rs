@@ -1,0 +1,15 @@
+//! Frozen backbones and their cached features: weights (local or from the hub), the backbones
+//! (VGG16's conv base; EfficientNet-Lite0) with their engines, the content-addressed feature
+//! store, and `extract`, which fills the store.
+
+pub(crate) mod backbone;
+pub mod efficientnet;
+pub mod extract;
+pub mod nhwc;
+pub mod store;
+pub(crate) mod weights;
+
+pub use backbone::{BackboneOptions, CandleVgg, Vgg16Features};
+pub use efficientnet::EfficientNetLite0;
+pub use store::{CacheKey, FeatureSet, RowMap, Store};
+pub use weights::{Weights, WeightsSource};

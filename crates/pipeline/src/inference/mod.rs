@@ -1,0 +1,3 @@
+//! Using a trained run: `predict` labels new images.
+
+pub mod predict;
