@@ -547,7 +547,7 @@ fn write_plots(run: &RunDir, m: &RunMetrics) -> Result<()> {
 }
 
 /// Run-name prefixes of the model kinds the report compares.
-const RUN_KINDS: [&str; 3] = ["cnn-", "head-linear-", "head-mlp-"];
+const RUN_KINDS: [&str; 4] = ["cnn-", "head-linear-", "head-mlp-", "head-logistic-"];
 
 /// Writes `report.md` in `run` comparing it (its `metrics`) with the latest finished run of
 /// every other model kind trained on the same split; returns the terminal table. Other runs'
