@@ -615,3 +615,62 @@ fn block_table_has_the_published_strides() {
     }
     assert_eq!(i, specs.len());
 }
+
+/// The registry end to end: `[backbone] name = "efficientnet_lite0"` extracts 1280-dim
+/// features into their own space of the store (next to VGG16's), the head trains on them and
+/// predicts, and an unknown name is a config error listing the known ones.
+#[test]
+fn efficientnet_lite0_through_the_registry_extracts_trains_and_predicts() {
+    let Some(shared) =
+        testkit::shared_dir("efficientnet_lite0_through_the_registry_extracts_trains_and_predicts")
+    else {
+        return;
+    };
+    let (dir, mut c) = crate::common::fixture("lite0-registry", 12);
+    c.backbone.name = "efficientnet_lite0".into();
+    c.backbone.weights = shared
+        .join("weights/efficientnet-lite0-imagenet.safetensors")
+        .display()
+        .to_string();
+    c.preprocess.input_size = Some(64);
+    c.extract.batch_size = 4;
+    c.split.val_fraction = 0.25;
+    c.head.train.epochs = 2;
+    c.head.train.batch_size = 4;
+    c.output.runs = dir.join("runs");
+    c.validate().expect("valid");
+    let s = pipeline::features::extract::run(&c).expect("extract");
+    assert_eq!(s.images, 12);
+    let set = crate::common::load(&c).expect("features");
+    assert_eq!(set.key.backbone, "efficientnet_lite0");
+    assert_eq!(set.features.dims(), [12, 1280]);
+    // VGG16 next to it in the same store: another space, nothing recomputed for Lite0.
+    let mut vgg = c.clone();
+    vgg.backbone.name = "vgg16".into();
+    vgg.backbone.weights = crate::common::random_weights().display().to_string();
+    vgg.preprocess.input_size = Some(32);
+    pipeline::features::extract::run(&vgg).expect("vgg16 extract");
+    let again = pipeline::features::extract::run(&c).expect("lite0 again");
+    assert_eq!(again.computed, 0);
+    let run = pipeline::training::study::train_head(&c).expect("train-head");
+    assert!(run
+        .metrics
+        .name
+        .starts_with("EfficientNet-Lite0 + linear head"));
+    c.predict.input = Some(dir.join("images"));
+    c.predict.output = Some(dir.join("out.csv"));
+    c.predict.run = Some(run.dir.clone());
+    assert_eq!(
+        pipeline::inference::predict::run(&c)
+            .expect("predict")
+            .images,
+        12
+    );
+
+    c.backbone.name = "resnet50".into();
+    let err = c.validate().expect_err("not in the registry").to_string();
+    assert!(
+        err.contains("backbone.name") && err.contains("vgg16, efficientnet_lite0"),
+        "{err}"
+    );
+}

@@ -108,8 +108,9 @@ pub enum OnBadImage {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct BackboneConfig {
-    /// Architecture. Default: vgg16.
-    pub name: BackboneName,
+    /// Architecture, a name in `features::backbone::REGISTRY`: "vgg16" or
+    /// "efficientnet_lite0". Default: vgg16.
+    pub name: String,
     /// A local `.safetensors` path, or `hf:<repo>` for the Hugging Face hub.
     pub weights: String,
 }
@@ -117,17 +118,10 @@ pub struct BackboneConfig {
 impl Default for BackboneConfig {
     fn default() -> Self {
         Self {
-            name: BackboneName::Vgg16,
+            name: "vgg16".into(),
             weights: "hf:timm/vgg16.tv_in1k".into(),
         }
     }
-}
-
-/// The backbones the pipeline can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackboneName {
-    Vgg16,
 }
 
 /// Overrides of the preprocessing that the weights ask for. Unset keys come from the weights'
@@ -609,6 +603,7 @@ impl Config {
             return bad("extract.conv_workspace_mb", "must be at least 1");
         }
         crate::device::DeviceChoice::parse(&self.extract.device)?;
+        crate::features::backbone::spec(&self.backbone.name)?;
         let v = self.split.val_fraction;
         if v.is_nan() || v <= 0.0 || v >= 1.0 {
             return bad("split.val_fraction", "must be between 0 and 1 (exclusive)");

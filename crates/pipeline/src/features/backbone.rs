@@ -17,6 +17,64 @@ use crate::config::{ComputePrecision, ConvAlgorithm, ExtractConfig};
 use crate::error::{Error, Result};
 use crate::features::weights::Weights;
 
+/// A frozen feature extractor: preprocessed images in, one feature row per image out.
+pub trait Backbone: Send + Sync {
+    /// `[b, 3, s, s]` -> `[b, dim]`, in the engine's compute dtype.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// What the pipeline knows of an architecture. Adding a backbone is its own file (the
+/// network and its `SPEC`) plus one entry in [`REGISTRY`]; the cache key records `name`, and
+/// the preprocessing comes from the weights file's metadata (or the table of known hub
+/// weights in `data::preprocess`).
+///
+/// How the next two would be added (their parity needs a reference from timm, which needs
+/// PyTorch; not done here):
+///
+/// | `name` | weights | features | preprocessing (timm `default_cfg`) |
+/// | --- | --- | --- | --- |
+/// | `resnet50` | `hf:timm/resnet50.a1_in1k` | 2048 (global average pool of layer4) | x/255, ImageNet mean/std, RGB, 224, bicubic, crop_pct 0.95 |
+/// | `convnext_tiny` | `hf:timm/convnext_tiny.fb_in22k_ft_in1k` | 768 (pool, then `head.norm`) | x/255, ImageNet mean/std, RGB, 224, bicubic, crop_pct 0.875 |
+///
+/// Both need a bicubic resize and a `crop_pct` in `Preprocessing`, and kernels the NHWC module
+/// (`features::nhwc`) mostly has (ConvNeXt's 7x7 depthwise is tested there already).
+pub struct BackboneSpec {
+    /// `[backbone] name` and the cache key's `backbone`.
+    pub name: &'static str,
+    /// Human name for reports ("VGG16").
+    pub display: &'static str,
+    /// Feature length for a square input of side `size`.
+    pub feature_dim: fn(u32) -> usize,
+    /// The network from its weights, on `device`, computing as `options` say.
+    pub load: fn(&Weights, &Device, &BackboneOptions) -> Result<Box<dyn Backbone>>,
+}
+
+/// VGG16's convolutional base: 512 x (s/32)^2 features (25088 at 224).
+pub const VGG16_SPEC: BackboneSpec = BackboneSpec {
+    name: "vgg16",
+    display: "VGG16",
+    feature_dim: Vgg16Features::feature_dim,
+    load: |w, device, options| Ok(Box::new(Vgg16Features::load(w, device, options)?)),
+};
+
+/// Every backbone the pipeline runs.
+pub const REGISTRY: [&BackboneSpec; 2] = [&VGG16_SPEC, &crate::features::efficientnet::SPEC];
+
+/// The registry entry named `name`; an unknown name is an error listing the known ones.
+pub fn spec(name: &str) -> Result<&'static BackboneSpec> {
+    REGISTRY
+        .iter()
+        .copied()
+        .find(|s| s.name == name)
+        .ok_or_else(|| Error::InvalidValue {
+            key: "backbone.name".into(),
+            message: format!(
+                "unknown backbone `{name}`; known: {}",
+                REGISTRY.map(|s| s.name).join(", ")
+            ),
+        })
+}
+
 /// VGG16's `features` stack: channel counts, `None` for a 2x2 max-pool.
 const VGG16: [Option<usize>; 18] = [
     Some(64),
@@ -297,6 +355,12 @@ impl Vgg16Features {
     /// Length of the feature vector for a square input of side `size`.
     pub fn feature_dim(size: u32) -> usize {
         512 * (size as usize / 32).pow(2)
+    }
+}
+
+impl Backbone for Vgg16Features {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Vgg16Features::forward(self, x)
     }
 }
 

@@ -744,6 +744,42 @@ impl EfficientNetLite0 {
     }
 }
 
+/// The registry entry (`[backbone] name = "efficientnet_lite0"`): 1280 pooled features at any
+/// input size. On the CPU the NHWC engine computes in f32 only; on CUDA candle's ops in the
+/// configured arithmetic.
+pub const SPEC: crate::features::backbone::BackboneSpec = crate::features::backbone::BackboneSpec {
+    name: NAME,
+    display: "EfficientNet-Lite0",
+    feature_dim: EfficientNetLite0::feature_dim,
+    load: |w, device, options| {
+        use crate::config::ComputePrecision;
+        let net = if device.is_cpu() {
+            if options.compute != ComputePrecision::F32 {
+                return Err(Error::InvalidValue {
+                    key: "extract.compute".into(),
+                    message: format!(
+                        "`{}`: EfficientNet-Lite0's CPU engine computes in f32 only",
+                        options.compute.name()
+                    ),
+                });
+            }
+            EfficientNetLite0::load(w, device)?
+        } else {
+            candle_core::cuda::set_gemm_reduced_precision_f32(
+                options.compute == ComputePrecision::Tf32,
+            );
+            EfficientNetLite0::load_candle(w, device, options.compute.dtype())?
+        };
+        Ok(Box::new(net))
+    },
+};
+
+impl crate::features::backbone::Backbone for EfficientNetLite0 {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        EfficientNetLite0::forward(self, x)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,7 +26,7 @@ use crate::data::dataset::{content_hashes_within, Dataset, InputLimits, Sample};
 use crate::data::preprocess::{Partial, Preprocessing};
 use crate::device::{describe, DeviceChoice};
 use crate::error::{Error, Result};
-use crate::features::backbone::{BackboneOptions, Vgg16Features};
+use crate::features::backbone::{spec, Backbone, BackboneOptions};
 use crate::features::store::rowmap::{self, describe_changes, view_id, KIND_DATASET};
 use crate::features::store::{
     CacheKey, FeatureSet, Folder, Index, Row, RowMap, Store, FORMAT_VERSION,
@@ -68,7 +68,7 @@ impl Plan {
             .complete(config.preprocess.resize, &config.backbone.weights)?;
         let (hashes, unreadable) =
             hash_rows(&dataset.samples, &dataset.limits, config.data.on_bad_image)?;
-        let key = space_key(config, &weights, &preprocessing);
+        let key = space_key(config, &weights, &preprocessing)?;
         let source = data_source(&config.data);
         let view = view_id(KIND_DATASET, &source, &key.id());
         let rows: Vec<Row> = dataset
@@ -128,16 +128,21 @@ impl Plan {
 }
 
 /// The feature space a config and its weights define.
-pub fn space_key(config: &Config, weights: &Weights, preprocessing: &Preprocessing) -> CacheKey {
-    CacheKey {
+pub fn space_key(
+    config: &Config,
+    weights: &Weights,
+    preprocessing: &Preprocessing,
+) -> Result<CacheKey> {
+    let backbone = spec(&config.backbone.name)?;
+    Ok(CacheKey {
         format: FORMAT_VERSION,
-        backbone: format!("{:?}", config.backbone.name).to_lowercase(),
+        backbone: backbone.name.to_string(),
         weights_sha256: weights.sha256.clone(),
         preprocessing: preprocessing.clone(),
         dtype: format!("{:?}", config.extract.dtype).to_lowercase(),
         compute: config.extract.compute.name().into(),
-        dim: Vgg16Features::feature_dim(preprocessing.input_size),
-    }
+        dim: (backbone.feature_dim)(preprocessing.input_size),
+    })
 }
 
 /// The canonical description of a dataset's origin (part of its row map's identity).
@@ -393,7 +398,7 @@ fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
             store.dir().display()
         );
         let engine = Engine {
-            model: &model,
+            model: model.as_ref(),
             device: &device,
             prep: &plan.preprocessing,
             limits: &plan.dataset.limits,
@@ -545,12 +550,13 @@ pub fn load_features(config: &Config, plan: &Plan) -> Result<FeatureSet> {
 }
 
 /// The backbone as `[extract]` configures it, on `device`.
-pub fn load_backbone(weights: &Weights, device: &Device, config: &Config) -> Result<Vgg16Features> {
-    Vgg16Features::load(
-        weights,
-        device,
-        &BackboneOptions::from_config(&config.extract),
-    )
+pub fn load_backbone(
+    weights: &Weights,
+    device: &Device,
+    config: &Config,
+) -> Result<Box<dyn Backbone>> {
+    let options = BackboneOptions::from_config(&config.extract);
+    (spec(&config.backbone.name)?.load)(weights, device, &options)
 }
 
 /// One unit of computation: the images of one planned batch that the store lacks.
@@ -577,7 +583,7 @@ pub(crate) struct Outcome {
 
 /// The fixed parts of a computation.
 pub(crate) struct Engine<'a> {
-    pub model: &'a Vgg16Features,
+    pub model: &'a dyn Backbone,
     pub device: &'a Device,
     pub prep: &'a Preprocessing,
     /// File size and pixel limits of the images read.
@@ -789,8 +795,12 @@ mod tests {
         let path = dir.join("w.safetensors");
         testkit::write_vgg_weights(&path, |_, _| None);
         let weights = Weights::open(path).expect("weights");
-        let model = Vgg16Features::load(&weights, &Device::Cpu, &BackboneOptions::default())
-            .expect("model");
+        let model = crate::features::backbone::Vgg16Features::load(
+            &weights,
+            &Device::Cpu,
+            &BackboneOptions::default(),
+        )
+        .expect("model");
         let key = crate::features::store::example_key(32, "f32");
         let samples: Vec<Sample> = (0..6)
             .map(|i| Sample {

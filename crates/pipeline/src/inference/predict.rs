@@ -20,7 +20,7 @@ use crate::config::{Config, OnBadImage};
 use crate::data::dataset::{content_hashes_within, Dataset, InputLimits};
 use crate::device::{describe, DeviceChoice};
 use crate::error::{Error, IoContext, Result};
-use crate::features::backbone::{BackboneOptions, Vgg16Features};
+use crate::features::backbone::{spec, BackboneOptions};
 use crate::features::extract::{compute_jobs, Computed, Engine, Job, Work};
 use crate::features::store::rowmap::{self, view_id, KIND_PREDICT};
 use crate::features::store::{atomic_write, shard, CacheKey, Row, RowMap, Store, FORMAT_VERSION};
@@ -228,7 +228,7 @@ pub fn run(config: &Config) -> Result<Summary> {
             compute: trained.extract.compute,
             ..BackboneOptions::from_config(&config.extract)
         };
-        let backbone = Vgg16Features::load(&weights, &device, &options)?;
+        let backbone = (spec(&key.backbone)?.load)(&weights, &device, &options)?;
         let jobs: Vec<Job> = misses
             .chunks(batch_size.max(1))
             .map(|items| Job {
@@ -236,7 +236,7 @@ pub fn run(config: &Config) -> Result<Summary> {
             })
             .collect();
         let engine = Engine {
-            model: &backbone,
+            model: backbone.as_ref(),
             device: &device,
             prep: &key.preprocessing,
             limits: &dataset.limits,

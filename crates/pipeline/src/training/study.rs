@@ -196,7 +196,10 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
     let spec = RunSpec {
         run: &run,
         kind: "head",
-        name: &format!("VGG16 + {kind} head"),
+        name: &format!(
+            "{} + {kind} head",
+            crate::features::backbone::spec(&set.key.backbone)?.display
+        ),
         classes,
         split,
         train_rows: &train_rows,

@@ -75,8 +75,6 @@ pub const TMP_SUFFIX: &str = ".tmp";
 pub const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
 /// The compute precisions.
 pub const COMPUTES: [&str; 4] = ["f32", "tf32", "f16", "bf16"];
-/// The backbones.
-pub const BACKBONES: [&str; 1] = ["vgg16"];
 
 /// A feature space: everything an image's features depend on besides its bytes. Images with
 /// equal content in equal spaces have equal features; the space id names its folder.
@@ -172,9 +170,9 @@ impl CacheKey {
                 self.format
             ));
         }
-        if !BACKBONES.contains(&self.backbone.as_str()) {
+        let Ok(backbone) = crate::features::backbone::spec(&self.backbone) else {
             return Err(format!("unknown backbone `{}`", self.backbone));
-        }
+        };
         if !is_hex(&self.weights_sha256, 64) {
             return Err("`weights_sha256` is not 64 hex digits".into());
         }
@@ -199,7 +197,7 @@ impl CacheKey {
         if !numbers || p.std.contains(&0.0) {
             return Err("preprocessing numbers must be finite, std non-zero".into());
         }
-        let expected = crate::features::backbone::Vgg16Features::feature_dim(p.input_size);
+        let expected = (backbone.feature_dim)(p.input_size);
         if self.dim != expected {
             return Err(format!(
                 "dim {} but input_size {} gives {expected}",
@@ -228,7 +226,9 @@ impl CacheKey {
             message: m,
         };
         let k: RunKey = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
-        let dim = crate::features::backbone::Vgg16Features::feature_dim(k.preprocessing.input_size);
+        let dim = (crate::features::backbone::spec(&k.backbone)
+            .map_err(|e| bad(e.to_string()))?
+            .feature_dim)(k.preprocessing.input_size);
         let key = CacheKey {
             format: FORMAT_VERSION,
             backbone: k.backbone,
