@@ -846,11 +846,18 @@ pub fn apply_layer(table: &mut toml::Table, config: &Path, layer: &Path) -> Resu
         .map_err(|e: toml::de::Error| cfg_err(e.to_string()))?;
     let dir = layer.parent().unwrap_or(Path::new("."));
     if let Some(header) = layer_table.remove("layer") {
-        let applies_to = header
-            .get("applies_to")
-            .and_then(toml::Value::as_str)
-            .ok_or_else(|| cfg_err("`[layer]` needs `applies_to = \"<config file>\"`".into()))?;
-        if !same_file(&dir.join(applies_to), config) {
+        // One config file, or a list of them.
+        let targets: Vec<&str> = match header.get("applies_to") {
+            Some(toml::Value::String(one)) => vec![one.as_str()],
+            Some(toml::Value::Array(many)) => many.iter().filter_map(toml::Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        if targets.is_empty() {
+            return Err(cfg_err(
+                "`[layer]` needs `applies_to = \"<config file>\"` (or a list of them)".into(),
+            ));
+        }
+        if !targets.iter().any(|t| same_file(&dir.join(t), config)) {
             return Ok(false);
         }
     }
@@ -1156,6 +1163,20 @@ mod tests {
             dir.join("configs/w/vgg.safetensors").to_string_lossy()
         );
         assert_eq!(c.head.train.epochs, 4);
+    }
+
+    #[test]
+    fn layer_applies_to_any_config_of_its_list() {
+        let dir = testkit::temp_dir("config-layer-list");
+        let (config, layer) = layered(
+            &dir,
+            "[layer]\napplies_to = [\"../other.toml\", \"../pipeline.toml\"]\n[data]\ncsv = \"x.csv\"\n",
+        );
+        let mut table = table_of(&config);
+        assert!(apply_layer(&mut table, &config, &layer).expect("applies"));
+        std::fs::write(&layer, "[layer]\napplies_to = []\n").expect("layer");
+        let err = apply_layer(&mut table_of(&config), &config, &layer).expect_err("empty list");
+        assert!(err.to_string().contains("applies_to"), "{err}");
     }
 
     #[test]
