@@ -220,6 +220,7 @@ fn readers_return_errors_never_panic_on_thousands_of_mutated_inputs() {
         fingerprint: pipeline::features::store::rowmap::fingerprint(&classes, &rows),
         classes,
         batch_size: 4,
+        views: vec!["original".into()],
         complete: true,
         counts: pipeline::features::store::rowmap::count(&rows),
         rows,

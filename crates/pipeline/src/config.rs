@@ -185,12 +185,22 @@ pub struct ExtractConfig {
     /// Seconds to wait for the store's lock when another process holds it, then fail.
     /// Default: wait as long as it takes.
     pub lock_timeout: Option<u64>,
+    /// Augmented views extracted per image, each its own feature row
+    /// ([`crate::features::views`]): "original", "hflip", "crop:tl|tr|bl|br|center",
+    /// "crops:4", "crops:5". Must include "original". Default: ["original"].
+    pub views: Vec<String>,
 }
 
 impl ExtractConfig {
     /// `lock_timeout` as a duration (`None`: wait for ever).
     pub fn lock_wait(&self) -> Option<std::time::Duration> {
         self.lock_timeout.map(std::time::Duration::from_secs)
+    }
+
+    /// The views as parsed and checked by [`crate::features::views::parse_views`]: original
+    /// first, shorthands expanded.
+    pub fn views(&self) -> Result<Vec<crate::features::views::View>> {
+        crate::features::views::parse_views(&self.views)
     }
 }
 
@@ -205,6 +215,7 @@ impl Default for ExtractConfig {
             compute: ComputePrecision::F32,
             conv_workspace_mb: 1024,
             lock_timeout: None,
+            views: crate::features::views::original_only(),
         }
     }
 }
@@ -408,8 +419,33 @@ pub struct HeadConfig {
     pub c: Vec<f64>,
     /// Folds of the logistic head's cross-validation. Default: 5.
     pub cv_folds: usize,
+    /// Which views of a validation image are scored when `[extract] views` has several:
+    /// its original view, or the mean of its class probabilities over all views. Default:
+    /// original.
+    pub val_views: ValViews,
     /// Default: lr 0.0005, 30 epochs, batch 128, constant schedule, no early stopping.
     pub train: TrainSettings,
+}
+
+/// How validation scores an image extracted with several views (`[head] val_views`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValViews {
+    /// The original view's prediction (as without views).
+    #[default]
+    Original,
+    /// The mean of the class probabilities over every view (test-time augmentation).
+    Mean,
+}
+
+impl ValViews {
+    /// "original" or "mean".
+    pub fn name(self) -> &'static str {
+        match self {
+            ValViews::Original => "original",
+            ValViews::Mean => "mean",
+        }
+    }
 }
 
 impl Default for HeadConfig {
@@ -420,6 +456,7 @@ impl Default for HeadConfig {
             scaling: crate::models::scaling::Scaling::None,
             c: crate::models::logistic::C_GRID.to_vec(),
             cv_folds: 5,
+            val_views: ValViews::Original,
             train: TrainSettings::new(0.0005, 30, 128),
         }
     }
@@ -488,7 +525,7 @@ impl Default for OutputConfig {
 }
 
 /// Labelling new images.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct PredictConfig {
     /// A CSV of image names (resolved against `[data] images`) or an image folder.
@@ -497,6 +534,21 @@ pub struct PredictConfig {
     pub output: Option<PathBuf>,
     /// A head run directory. Default: the most recent head run under `[output] runs`.
     pub run: Option<PathBuf>,
+    /// Test-time augmentation: average the class probabilities over the views the run was
+    /// trained with (its `[extract] views`); false scores the original view only. Default:
+    /// true.
+    pub tta: bool,
+}
+
+impl Default for PredictConfig {
+    fn default() -> Self {
+        Self {
+            input: None,
+            output: None,
+            run: None,
+            tta: true,
+        }
+    }
 }
 
 impl Config {
@@ -603,6 +655,7 @@ impl Config {
             return bad("extract.conv_workspace_mb", "must be at least 1");
         }
         crate::device::DeviceChoice::parse(&self.extract.device)?;
+        self.extract.views()?;
         crate::features::backbone::spec(&self.backbone.name)?;
         let v = self.split.val_fraction;
         if v.is_nan() || v <= 0.0 || v >= 1.0 {

@@ -31,6 +31,7 @@ use crate::features::store::rowmap::{self, describe_changes, view_id, KIND_DATAS
 use crate::features::store::{
     CacheKey, FeatureSet, Folder, Index, Row, RowMap, Store, FORMAT_VERSION,
 };
+use crate::features::views::{self, View};
 use crate::features::weights::{Weights, WeightsSource};
 use crate::progress::Progress;
 
@@ -52,6 +53,8 @@ pub struct Plan {
     pub rows: Vec<Row>,
     /// Fingerprint of the classes and rows.
     pub fingerprint: String,
+    /// The augmented views extracted of every image (`[extract] views`), original first.
+    pub views: Vec<View>,
 }
 
 impl Plan {
@@ -84,6 +87,7 @@ impl Plan {
             })
             .collect();
         let fingerprint = rowmap::fingerprint(&dataset.classes, &rows);
+        let views = config.extract.views()?;
         Ok(Self {
             dataset,
             hashes,
@@ -94,6 +98,7 @@ impl Plan {
             view,
             rows,
             fingerprint,
+            views,
         })
     }
 
@@ -119,6 +124,7 @@ impl Plan {
             classes: self.dataset.classes.clone(),
             batch_size: config.extract.batch_size,
             fingerprint: self.fingerprint.clone(),
+            views: views::names(&self.views),
             complete,
             counts: rowmap::count(&rows),
             rows,
@@ -207,14 +213,26 @@ pub struct Work {
 impl Work {
     /// Plans the batches of `hashes` (rows without a hash are left out).
     pub fn new(hashes: &[Option<String>], batch_size: usize) -> Self {
+        Self::with_views(hashes, &[View::Original], batch_size)
+    }
+
+    /// Plans the batches of every view's rows: the row keys ([`View::row_key`]) of view 0's
+    /// rows, then view 1's, and so on, each key once. The second field of an item is then the
+    /// *slot* `view * hashes.len() + row` (the row itself for the original view, so with
+    /// `[View::Original]` this is [`Work::new`]'s plan exactly); [`Engine::views`] decodes it.
+    pub fn with_views(hashes: &[Option<String>], views: &[View], batch_size: usize) -> Self {
         let mut seen = HashSet::new();
-        let unique = hashes
+        let n = hashes.len();
+        let unique = views
             .iter()
             .enumerate()
-            .filter_map(|(row, h)| {
-                let h = h.as_ref()?;
-                seen.insert(h.as_str()).then(|| (h.clone(), row))
+            .flat_map(|(v, view)| {
+                hashes
+                    .iter()
+                    .enumerate()
+                    .filter_map(move |(row, h)| Some((view.row_key(h.as_ref()?), v * n + row)))
             })
+            .filter(|(key, _)| seen.insert(key.clone()))
             .collect();
         Self {
             unique,
@@ -327,7 +345,8 @@ fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
     let store = Store::open_exclusive(&config.extract.out, config.extract.lock_wait(), "extract")?;
     store.ensure_space(&plan.key)?;
     let mut index = store.index(&plan.key, "extract")?;
-    let work = Work::new(&plan.hashes, config.extract.batch_size);
+    let work = Work::with_views(&plan.hashes, &plan.views, config.extract.batch_size);
+    let rows = plan.hashes.len();
     let mine: Vec<(usize, &[(String, usize)])> =
         work.batches().filter(|(b, _)| assigned(*b, part)).collect();
 
@@ -363,7 +382,11 @@ fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
         .filter_map(|(_, items)| {
             let missing: Vec<(String, usize)> = items
                 .iter()
-                .filter(|(h, _)| !index.contains(h) && !bad.contains_key(h))
+                .filter(|(h, slot)| {
+                    // A bad image is bad under every view: its row's hash is what is recorded.
+                    let image = plan.hashes[slot % rows].as_deref().unwrap_or_default();
+                    !index.contains(h) && !bad.contains_key(image)
+                })
                 .cloned()
                 .collect();
             (!missing.is_empty()).then_some(Job { items: missing })
@@ -405,6 +428,7 @@ fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
             key: &plan.key,
             on_bad_image: config.data.on_bad_image,
             program: "extract",
+            views: &plan.views,
         };
         let mut written = Vec::new();
         let outcome = compute_jobs(&engine, &plan.dataset.samples, &jobs, |c: Computed| {
@@ -426,11 +450,17 @@ fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
         ("none".to_string(), 0)
     };
     let map = plan.row_map(config, &bad, true);
-    // Every row must now be stored or skipped: checked, not assumed.
+    // Every row must now be stored (under every view) or skipped: checked, not assumed.
     let lacking = map
         .rows
         .iter()
-        .filter(|r| r.skipped.is_none() && !r.hash.as_ref().is_some_and(|h| index.contains(h)))
+        .filter(|r| {
+            r.skipped.is_none()
+                && !r
+                    .hash
+                    .as_ref()
+                    .is_some_and(|h| plan.views.iter().all(|v| index.contains(&v.row_key(h))))
+        })
         .count();
     if part.is_none() && lacking > 0 {
         return Err(Error::Cache {
@@ -492,12 +522,23 @@ pub fn load_features(config: &Config, plan: &Plan) -> Result<FeatureSet> {
             describe_changes(&map.classes, &map.rows, &plan.dataset.classes, &plan.rows)
         )));
     }
+    let absent: Vec<String> = views::names(&plan.views)
+        .into_iter()
+        .filter(|v| !map.views.contains(v))
+        .collect();
+    if !absent.is_empty() {
+        return Err(cache_err(format!(
+            "holds the views {:?} of this dataset, not {:?} ([extract] views): run `cargo run -p extract` to extract them",
+            map.views, absent
+        )));
+    }
     let index = store.index(&plan.key, "train-head")?;
-    let work = Work::new(&plan.hashes, map.batch_size);
+    let work = Work::with_views(&plan.hashes, &plan.views, map.batch_size);
+    let rows = plan.hashes.len();
     let mut missing_batches = BTreeSet::new();
     let mut missing = 0;
-    for (position, (hash, row)) in work.unique.iter().enumerate() {
-        let skipped = map.rows[*row].skipped.is_some();
+    for (position, (hash, slot)) in work.unique.iter().enumerate() {
+        let skipped = map.rows[slot % rows].skipped.is_some();
         if !skipped && !index.contains(hash) {
             missing += 1;
             missing_batches.insert(work.batch_of(position));
@@ -533,8 +574,15 @@ pub fn load_features(config: &Config, plan: &Plan) -> Result<FeatureSet> {
     if hashes.len() != kept.len() {
         return Err(cache_err("a stored row has no content hash".into()));
     }
-    let values = index.gather(&hashes)?;
-    let features = Tensor::from_vec(values, (kept.len(), plan.key.dim), &Device::Cpu)?;
+    // View-major: every kept row's original view, then every kept row's next view, ...
+    let keys: Vec<String> = plan
+        .views
+        .iter()
+        .flat_map(|v| hashes.iter().map(|h| v.row_key(h)))
+        .collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let values = index.gather(&keys)?;
+    let features = Tensor::from_vec(values, (keys.len(), plan.key.dim), &Device::Cpu)?;
     let samples = &plan.dataset.samples;
     Ok(FeatureSet {
         features,
@@ -546,6 +594,7 @@ pub fn load_features(config: &Config, plan: &Plan) -> Result<FeatureSet> {
         rows: kept,
         key: plan.key.clone(),
         row_map: map,
+        views: plan.views.clone(),
     })
 }
 
@@ -592,6 +641,9 @@ pub(crate) struct Engine<'a> {
     pub on_bad_image: OnBadImage,
     /// "extract" or "predict", for messages.
     pub program: &'a str,
+    /// The views a job item's slot refers to: item `(key, slot)` is view
+    /// `views[slot / samples.len()]` of sample `slot % samples.len()` ([`Work::with_views`]).
+    pub views: &'a [View],
 }
 
 /// Batches the writer may hold before the network waits for the disk.
@@ -611,6 +663,8 @@ where
 {
     let total: usize = jobs.iter().map(|j| j.items.len()).sum();
     let prep = engine.prep;
+    let rows = samples.len().max(1);
+    let size = prep.input_size as usize;
     std::thread::scope(|scope| {
         // Capacity 1 plus the batch the decoder holds while blocked on `send`: at most two
         // batches decoded ahead of the network.
@@ -620,12 +674,16 @@ where
                 let paths: Vec<&Path> = job
                     .items
                     .iter()
-                    .map(|(_, s)| samples[*s].path.as_path())
+                    .map(|(_, s)| samples[s % rows].path.as_path())
                     .collect();
-                if decoded_tx
-                    .send(prep.load_many_within(&paths, engine.limits))
-                    .is_err()
-                {
+                let mut decoded = prep.load_many_within(&paths, engine.limits);
+                for ((_, slot), image) in job.items.iter().zip(decoded.iter_mut()) {
+                    match (engine.views.get(slot / rows), image) {
+                        (None | Some(View::Original), _) | (_, Err(_)) => {}
+                        (Some(view), Ok(pixels)) => *pixels = view.apply(pixels, size),
+                    }
+                }
+                if decoded_tx.send(decoded).is_err() {
                     return; // the network stopped on an error
                 }
             }
@@ -689,7 +747,7 @@ fn run_batch(
     let mut pixels = Vec::with_capacity(job.items.len() * engine.prep.len());
     let mut hashes = Vec::with_capacity(job.items.len());
     for ((hash, s), result) in job.items.iter().zip(decoded) {
-        let sample = &samples[*s];
+        let sample = &samples[s % samples.len().max(1)];
         match result {
             Ok(p) => {
                 pixels.extend(p);
@@ -826,6 +884,7 @@ mod tests {
             key: &key,
             on_bad_image: OnBadImage::Error,
             program: "test",
+            views: &[View::Original],
         };
         let mut written = 0;
         let all = compute_jobs(&engine, &samples, &jobs, |c: Computed| {

@@ -1,12 +1,13 @@
 //! Frozen backbones and their cached features: weights (local or from the hub), the backbones
 //! (VGG16's conv base; EfficientNet-Lite0) with their engines, the content-addressed feature
-//! store, and `extract`, which fills the store.
+//! store, `extract`, which fills the store, and the augmented views it can extract.
 
 pub(crate) mod backbone;
 pub mod efficientnet;
 pub mod extract;
 pub mod nhwc;
 pub mod store;
+pub mod views;
 pub(crate) mod weights;
 
 pub use backbone::{BackboneOptions, CandleVgg, Vgg16Features};

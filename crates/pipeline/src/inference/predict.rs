@@ -9,6 +9,10 @@
 //! Features come from the feature store the run's config names (`[extract] out`) when it holds
 //! them (same image bytes, same space); the others are computed and added to it as shards,
 //! with a `predict` row map so that `extract --gc` keeps them.
+//!
+//! Test-time augmentation: a run trained with `[extract] views` predicts each image by the
+//! mean of its class probabilities over those views (`[predict] tta`, default true; false
+//! scores the original view only). A run without views predicts exactly as before.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +28,7 @@ use crate::features::backbone::{spec, BackboneOptions};
 use crate::features::extract::{compute_jobs, Computed, Engine, Job, Work};
 use crate::features::store::rowmap::{self, view_id, KIND_PREDICT};
 use crate::features::store::{atomic_write, shard, CacheKey, Row, RowMap, Store, FORMAT_VERSION};
+use crate::features::views::{self, mean_over_views, View};
 use crate::features::weights::{Weights, WeightsSource};
 use crate::models::head::Head;
 use crate::reporting::runs::{latest_finished, read_config, read_status, RunStatus};
@@ -202,7 +207,19 @@ pub fn run(config: &Config) -> Result<Summary> {
     };
     let batch_size = config.extract.batch_size;
     let hashes: Vec<Option<String>> = rows.iter().map(|r| r.hash.clone()).collect();
-    let work = Work::new(&hashes, batch_size);
+    // The views the run was trained with (its resolved config), or the original alone.
+    let views = if config.predict.tta {
+        trained.extract.views()?
+    } else {
+        vec![View::Original]
+    };
+    if views.len() > 1 {
+        eprintln!(
+            "predict: test-time augmentation: mean of the class probabilities over the run's views {:?}",
+            views::names(&views)
+        );
+    }
+    let work = Work::with_views(&hashes, &views, batch_size);
     let (hits, misses): (Vec<_>, Vec<_>) = work.unique.iter().partition(|(h, _)| index.contains(h));
     let mut features: HashMap<String, Vec<f32>> = HashMap::new();
     let hit_hashes: Vec<&str> = hits.iter().map(|(h, _)| h.as_str()).collect();
@@ -243,6 +260,7 @@ pub fn run(config: &Config) -> Result<Summary> {
             key: &key,
             on_bad_image: config.data.on_bad_image,
             program: "predict",
+            views: &views,
         };
         let mut caching = store.is_some();
         let mut written = Vec::new();
@@ -289,16 +307,18 @@ pub fn run(config: &Config) -> Result<Summary> {
             classes: Vec::new(),
             batch_size,
             fingerprint: rowmap::fingerprint(&[], &rows),
+            views: views::names(&views),
             complete: true,
             counts: rowmap::count(&map_rows),
             rows: map_rows,
             written_by: format!("pipeline {}", env!("CARGO_PKG_VERSION")),
         };
-        if map
-            .rows
-            .iter()
-            .all(|r| r.skipped.is_some() || r.hash.as_ref().is_some_and(|h| index.contains(h)))
-        {
+        if map.rows.iter().all(|r| {
+            r.skipped.is_some()
+                || r.hash
+                    .as_ref()
+                    .is_some_and(|h| views.iter().all(|v| index.contains(&v.row_key(h))))
+        }) {
             s.write_row_map(&view_id(KIND_PREDICT, &source, &key.id()), &map)?;
         }
     }
@@ -312,10 +332,14 @@ pub fn run(config: &Config) -> Result<Summary> {
     let head = Head::load(&run.join("head.safetensors"), &device)?;
     let mut labelled: Vec<(String, Vec<f32>)> = Vec::with_capacity(samples.len());
     let mut skipped = 0;
-    let usable: Vec<(&Row, &Vec<f32>)> = rows
+    // An image is labelled when its features exist under every view.
+    let usable: Vec<(&Row, Vec<&Vec<f32>>)> = rows
         .iter()
         .filter_map(|r| {
-            let f = r.hash.as_ref().and_then(|h| features.get(h));
+            let f: Option<Vec<&Vec<f32>>> = r
+                .hash
+                .as_ref()
+                .and_then(|h| views.iter().map(|v| features.get(&v.row_key(h))).collect());
             if f.is_none() {
                 skipped += 1;
             }
@@ -323,9 +347,10 @@ pub fn run(config: &Config) -> Result<Summary> {
         })
         .collect();
     for chunk in usable.chunks(batch_size.max(1)) {
-        let flat: Vec<f32> = chunk.iter().flat_map(|(_, f)| f.iter().copied()).collect();
-        let x = Tensor::from_vec(flat, (chunk.len(), key.dim), &device)?;
-        let probs = head_probabilities(&head, &x)?;
+        let per_view: Vec<Vec<&[f32]>> = (0..views.len())
+            .map(|v| chunk.iter().map(|(_, f)| f[v].as_slice()).collect())
+            .collect();
+        let probs = view_mean_probabilities(&head, &per_view, key.dim, &device)?;
         labelled.extend(chunk.iter().map(|(r, _)| r.id.clone()).zip(probs));
     }
     let trained_data = &trained.data;
@@ -346,6 +371,25 @@ pub fn run(config: &Config) -> Result<Summary> {
         output,
         run,
     })
+}
+
+/// Each row's class probabilities averaged over views: `per_view[v][i]` is row `i`'s feature
+/// vector (length `dim`) under view `v`. With one view, the head's probabilities unchanged.
+pub(crate) fn view_mean_probabilities(
+    head: &Head,
+    per_view: &[Vec<&[f32]>],
+    dim: usize,
+    device: &candle_core::Device,
+) -> Result<Vec<Vec<f32>>> {
+    let probs = per_view
+        .iter()
+        .map(|rows| {
+            let flat: Vec<f32> = rows.iter().flat_map(|f| f.iter().copied()).collect();
+            let x = Tensor::from_vec(flat, (rows.len(), dim), device)?;
+            head_probabilities(head, &x)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    mean_over_views(&probs)
 }
 
 /// The output CSV: image, predicted label (the class's own value), `prob_<class>` columns.
@@ -386,6 +430,30 @@ fn quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tta_averages_the_class_probabilities_over_views() {
+        use crate::config::HeadKind;
+        use crate::models::head::HeadShape;
+        let device = candle_core::Device::Cpu;
+        // logits (x, -x): P(class 0) = sigmoid(2x).
+        let shape = HeadShape::new(HeadKind::Linear, 1, 2, 0.0);
+        let head = Head::from_weights(&shape, &[1.0, -1.0], &[0.0, 0.0], &device).unwrap();
+        let half_ln3 = 3f32.ln() / 2.0; // sigmoid(ln 3) = 3/4
+        let (a0, a1, b0, b1) = ([0.0f32], [half_ln3], [-half_ln3], [-half_ln3]);
+        let per_view = vec![vec![&a0[..], &b0[..]], vec![&a1[..], &b1[..]]];
+        let probs = view_mean_probabilities(&head, &per_view, 1, &device).unwrap();
+        // Image a: (1/2 + 3/4) / 2 = 5/8; image b: (1/4 + 1/4) / 2 = 1/4.
+        let want = [[0.625, 0.375], [0.25, 0.75]];
+        for (p, w) in probs.iter().zip(want) {
+            for (x, y) in p.iter().zip(w) {
+                assert!((x - y).abs() < 1e-6, "{probs:?}");
+            }
+        }
+        // One view: the head's own probabilities.
+        let one = view_mean_probabilities(&head, &per_view[..1], 1, &device).unwrap();
+        assert!((one[0][0] - 0.5).abs() < 1e-6 && (one[1][0] - 0.25).abs() < 1e-6);
+    }
 
     #[test]
     fn csv_has_the_training_label_format_and_probabilities() {

@@ -48,11 +48,15 @@ pub struct CvScore {
 
 /// Fits on rows `train` of `features` (`[n, dim]`), choosing `C` among `grid` by `folds`-fold
 /// cross-validation (seeded, stratified by label) when the grid has more than one value.
+/// `groups[i]` is the group of row `train[i]` (the image of an augmented view): a group's rows
+/// always share a fold. With every row its own group the folds are those of rows alone.
+#[allow(clippy::too_many_arguments)]
 pub fn fit_cv(
     features: &Tensor,
     labels: &[usize],
     classes: usize,
     train: &[usize],
+    groups: &[usize],
     grid: &[f64],
     folds: usize,
     seed: u64,
@@ -65,8 +69,15 @@ pub fn fit_cv(
     if let Some(&l) = y.iter().find(|&&l| l >= classes) {
         return Err(bad(format!("label {l} for {classes} classes")));
     }
+    if groups.len() != train.len() {
+        return Err(bad(format!(
+            "{} groups for {} training rows",
+            groups.len(),
+            train.len()
+        )));
+    }
     let scores = if grid.len() > 1 {
-        cross_validate(&gram, &y, classes, grid, folds, seed)?
+        cross_validate(&gram, &y, groups, classes, grid, folds, seed)?
     } else {
         Vec::new()
     };
@@ -205,35 +216,57 @@ impl Space {
     }
 }
 
-/// Seeded, label-stratified fold of each row.
-fn fold_of(y: &[usize], classes: usize, folds: usize, seed: u64) -> Vec<usize> {
-    let mut fold = vec![0; y.len()];
+/// Seeded, label-stratified fold of each row, made of groups: the distinct groups in order of
+/// first appearance (each with its first row's label) are shuffled per label and dealt out
+/// round-robin, and every row takes its group's fold. With each row its own group (in row
+/// order) this deals out rows exactly as a row-wise assignment would.
+fn fold_of(y: &[usize], groups: &[usize], classes: usize, folds: usize, seed: u64) -> Vec<usize> {
+    let mut position: std::collections::HashMap<usize, usize> = Default::default();
+    let mut label_of_group = Vec::new();
+    let group_of_row: Vec<usize> = groups
+        .iter()
+        .zip(y)
+        .map(|(&g, &label)| {
+            *position.entry(g).or_insert_with(|| {
+                label_of_group.push(label);
+                label_of_group.len() - 1
+            })
+        })
+        .collect();
+    let mut group_fold = vec![0; label_of_group.len()];
     let mut rng = Rng::new(seed);
     for c in 0..classes {
-        let mut rows: Vec<usize> = (0..y.len()).filter(|&i| y[i] == c).collect();
-        rng.shuffle(&mut rows);
-        for (k, r) in rows.into_iter().enumerate() {
-            fold[r] = k % folds;
+        let mut members: Vec<usize> = (0..label_of_group.len())
+            .filter(|&g| label_of_group[g] == c)
+            .collect();
+        rng.shuffle(&mut members);
+        for (k, g) in members.into_iter().enumerate() {
+            group_fold[g] = k % folds;
         }
     }
-    fold
+    group_of_row.into_iter().map(|g| group_fold[g]).collect()
 }
 
 fn cross_validate(
     gram: &Gram,
     y: &[usize],
+    groups: &[usize],
     classes: usize,
     grid: &[f64],
     folds: usize,
     seed: u64,
 ) -> Result<Vec<CvScore>> {
-    if folds < 2 || folds > y.len() {
+    let distinct = groups
+        .iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    if folds < 2 || folds > distinct {
         return Err(bad(format!(
-            "{folds}-fold cross-validation of {} rows",
+            "{folds}-fold cross-validation of {} rows ({distinct} images)",
             y.len()
         )));
     }
-    let fold = fold_of(y, classes, folds, seed);
+    let fold = fold_of(y, groups, classes, folds, seed);
     let mut sums = vec![(0.0, 0.0); grid.len()];
     for f in 0..folds {
         let train: Vec<usize> = (0..y.len()).filter(|&i| fold[i] != f).collect();
@@ -483,7 +516,7 @@ mod tests {
         let x = tensor(&[&[1.0], &[-1.0]]);
         let labels = [1, 0];
         for c in [0.1, 1.0, 10.0] {
-            let (sol, _) = fit_cv(&x, &labels, 2, &[0, 1], &[c], 5, 1).expect("fit");
+            let (sol, _) = fit_cv(&x, &labels, 2, &[0, 1], &[0, 1], &[c], 5, 1).expect("fit");
             let lam = lambda(c, 2);
             let sigma = |t: f64| 1.0 / (1.0 + t.exp());
             let (mut lo, mut hi) = (0.0, 100.0);
@@ -520,7 +553,7 @@ mod tests {
         let labels: Vec<usize> = (0..n).map(|i| i % classes).collect();
         let all: Vec<usize> = (0..n).collect();
         let c = 0.5;
-        let (sol, _) = fit_cv(&x, &labels, classes, &all, &[c], 3, 1).expect("fit");
+        let (sol, _) = fit_cv(&x, &labels, classes, &all, &all, &[c], 3, 1).expect("fit");
         let xs: Vec<Vec<f64>> = rows
             .iter()
             .map(|r| r.iter().map(|&v| v as f32 as f64).collect())
@@ -570,8 +603,8 @@ mod tests {
         let refs: Vec<&[f64]> = rows.iter().map(|r| r.as_slice()).collect();
         let x = tensor(&refs);
         let all: Vec<usize> = (0..n).collect();
-        let (a, scores) = fit_cv(&x, &labels, 2, &all, &C_GRID, 5, 7).expect("fit");
-        let (b, _) = fit_cv(&x, &labels, 2, &all, &C_GRID, 5, 7).expect("fit");
+        let (a, scores) = fit_cv(&x, &labels, 2, &all, &all, &C_GRID, 5, 7).expect("fit");
+        let (b, _) = fit_cv(&x, &labels, 2, &all, &all, &C_GRID, 5, 7).expect("fit");
         assert_eq!(a, b, "same seed, same folds, same answer");
         assert_eq!(scores.len(), C_GRID.len());
         let best = scores
@@ -586,16 +619,69 @@ mod tests {
     }
 
     #[test]
+    fn folds_of_singleton_groups_are_the_row_wise_folds() {
+        // The row-wise assignment used before groups existed (kept here as the reference):
+        // per label, the rows shuffled and dealt out round-robin.
+        let row_wise = |y: &[usize], classes: usize, folds: usize, seed: u64| {
+            let mut fold = vec![0; y.len()];
+            let mut rng = Rng::new(seed);
+            for c in 0..classes {
+                let mut rows: Vec<usize> = (0..y.len()).filter(|&i| y[i] == c).collect();
+                rng.shuffle(&mut rows);
+                for (k, r) in rows.into_iter().enumerate() {
+                    fold[r] = k % folds;
+                }
+            }
+            fold
+        };
+        let y: Vec<usize> = (0..97).map(|i| (i * 7 + i / 3) % 3).collect();
+        let own: Vec<usize> = (0..y.len()).collect();
+        for seed in [1, 13, 99] {
+            assert_eq!(fold_of(&y, &own, 3, 5, seed), row_wise(&y, 3, 5, seed));
+        }
+    }
+
+    #[test]
+    fn an_images_views_share_a_fold() {
+        // 40 images x 3 views, view-major rows (image i under view v is row v * 40 + i).
+        let images = 40;
+        let y_img: Vec<usize> = (0..images).map(|i| i % 2).collect();
+        let y: Vec<usize> = y_img.repeat(3);
+        let groups: Vec<usize> = (0..3 * images).map(|r| r % images).collect();
+        let fold = fold_of(&y, &groups, 2, 5, 13);
+        for i in 0..images {
+            assert_eq!(fold[i], fold[images + i], "image {i}");
+            assert_eq!(fold[i], fold[2 * images + i], "image {i}");
+        }
+        // Folds are still stratified: 4 images of each class per fold.
+        for f in 0..5 {
+            for c in 0..2 {
+                let n = (0..images)
+                    .filter(|&i| fold[i] == f && y_img[i] == c)
+                    .count();
+                assert_eq!(n, 4, "fold {f} class {c}");
+            }
+        }
+        // And the image folds are the row-wise folds of the images alone.
+        let own: Vec<usize> = (0..images).collect();
+        assert_eq!(fold[..images], fold_of(&y_img, &own, 2, 5, 13)[..]);
+    }
+
+    #[test]
     fn bad_inputs_are_errors() {
         let x = tensor(&[&[1.0], &[-1.0]]);
-        assert!(fit_cv(&x, &[1, 0], 2, &[0, 1], &[], 5, 1).is_err());
-        assert!(fit_cv(&x, &[1, 0], 2, &[0, 1], &[-1.0], 5, 1).is_err());
-        assert!(fit_cv(&x, &[1, 2], 2, &[0, 1], &[1.0], 5, 1).is_err());
+        assert!(fit_cv(&x, &[1, 0], 2, &[0, 1], &[0, 1], &[], 5, 1).is_err());
+        assert!(fit_cv(&x, &[1, 0], 2, &[0, 1], &[0, 1], &[-1.0], 5, 1).is_err());
+        assert!(fit_cv(&x, &[1, 2], 2, &[0, 1], &[0, 1], &[1.0], 5, 1).is_err());
         assert!(
-            fit_cv(&x, &[1, 0], 2, &[0, 1], &[1.0, 2.0], 5, 1).is_err(),
+            fit_cv(&x, &[1, 0], 2, &[0, 1], &[0, 1], &[1.0, 2.0], 5, 1).is_err(),
             "5 folds of 2 rows"
         );
+        assert!(
+            fit_cv(&x, &[1, 0], 2, &[0, 1], &[0], &[1.0], 5, 1).is_err(),
+            "a group per training row"
+        );
         let nan = tensor(&[&[f64::NAN], &[1.0]]);
-        assert!(fit_cv(&nan, &[1, 0], 2, &[0, 1], &[1.0], 5, 1).is_err());
+        assert!(fit_cv(&nan, &[1, 0], 2, &[0, 1], &[0, 1], &[1.0], 5, 1).is_err());
     }
 }

@@ -9,12 +9,13 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, HeadKind, OnBadImage};
+use crate::config::{Config, HeadKind, OnBadImage, ValViews};
 use crate::data::dataset::{hex, Dataset};
 use crate::data::split::{stratified_split, Split};
 use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::features::extract::{hash_samples, load_features, Plan};
+use crate::features::views::{self, expand_rows, mean_over_views};
 use crate::models::cnn::{load_images, Cnn, CnnShape};
 use crate::models::head::{Head, HeadShape};
 use crate::models::scaling::Scaler;
@@ -85,6 +86,20 @@ pub fn split_dataset(
     })
 }
 
+/// The feature rows of each side of an image split when the features hold `views` views of
+/// `kept` images, view-major ([`crate::features::FeatureSet`]): training takes every view of
+/// each training image; validation the original view of each validation image (its other views
+/// are rows `v * kept + i`, averaged when `[head] val_views = "mean"`). Whatever the split, an
+/// image's views are all on its side.
+pub fn view_rows(
+    train_images: &[usize],
+    val_images: Vec<usize>,
+    kept: usize,
+    views: usize,
+) -> (Vec<usize>, Vec<usize>) {
+    (expand_rows(train_images, kept, views), val_images)
+}
+
 /// `metrics.json` of a run. The fixed keys (`model`, `status`, `train_accuracy`,
 /// `val_accuracy`, `history`, `confusion_matrix`, `classes`) are what scripts rely on.
 ///
@@ -118,6 +133,19 @@ pub struct RunMetrics {
     #[serde(deserialize_with = "nan_if_null")]
     pub images_per_second: f64,
     pub split: StudySplit,
+    /// The augmented views of each image the model was trained on (`[extract] views`; the
+    /// CNN and runs from before views: the original alone).
+    #[serde(default = "views::original_only")]
+    pub views: Vec<String>,
+    /// How the final validation metrics score an image: "original" (its original view) or
+    /// "mean" (its class probabilities averaged over `views`). Per-epoch `history` always
+    /// scores the original view.
+    #[serde(default = "original_name")]
+    pub val_views: String,
+}
+
+fn original_name() -> String {
+    "original".into()
 }
 
 /// A number that JSON may hold as `null`: serde_json writes a NaN (a value not measured yet)
@@ -170,7 +198,14 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
         rows.iter().for_each(|&r| on[r] = true);
         (0..set.rows.len()).filter(|&i| on[set.rows[i]]).collect()
     };
-    let (train_rows, val_rows) = (side(&split.split.train), side(&split.split.val));
+    let (train_images, val_images) = (side(&split.split.train), side(&split.split.val));
+    // The split is of images: every view of a training image trains (feature rows are
+    // view-major, see `FeatureSet`), and validation rows are the original views of the
+    // validation images (the mean over views is taken at the end when `val_views = "mean"`).
+    let kept = set.rows.len();
+    let view_count = set.views.len();
+    let (train_rows, val_rows) = view_rows(&train_images, val_images, kept, view_count);
+    let labels: Vec<usize> = set.labels.repeat(view_count);
     let h = &config.head;
     let mut rng = Rng::new(config.split.seed).fork(INIT_STREAM);
     let dim = set.key.dim;
@@ -182,7 +217,7 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
     drop(raw);
     let data = Labelled {
         inputs: &features,
-        labels: &set.labels,
+        labels: &labels,
     };
     let kind = match h.kind {
         HeadKind::Linear => "linear",
@@ -193,13 +228,27 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
     run.write_config(config)?;
     run.write_json("cache_key.json", &set.key)?;
     let shape = HeadShape::new(h.kind, dim, classes.len(), h.dropout);
+    let view_names = views::names(&set.views);
+    let mut name = format!(
+        "{} + {kind} head",
+        crate::features::backbone::spec(&set.key.backbone)?.display
+    );
+    if view_count > 1 {
+        name.push_str(&format!(
+            ", views {} (val {})",
+            view_names.join("+"),
+            h.val_views.name()
+        ));
+    }
     let spec = RunSpec {
         run: &run,
         kind: "head",
-        name: &format!(
-            "{} + {kind} head",
-            crate::features::backbone::spec(&set.key.backbone)?.display
-        ),
+        name: &name,
+        views: Views {
+            names: view_names,
+            per_view: kept,
+            val: h.val_views,
+        },
         classes,
         split,
         train_rows: &train_rows,
@@ -247,11 +296,18 @@ fn logistic_head<'a>(
     Box::new(move |on_epoch| {
         let start = Instant::now();
         let h = &config.head;
+        // Cross-validation folds are made of images: all views of an image in one fold.
+        let images: Vec<usize> = spec
+            .train_rows
+            .iter()
+            .map(|r| r % spec.views.per_view.max(1))
+            .collect();
         let (solution, scores) = crate::models::logistic::fit_cv(
             data.inputs,
             data.labels,
             shape.classes,
             spec.train_rows,
+            &images,
             &h.c,
             h.cv_folds,
             config.split.seed,
@@ -360,6 +416,11 @@ pub fn train_cnn(config: &Config) -> Result<RunOutcome> {
         run: &run,
         kind: "cnn",
         name: &format!("CNN baseline {:?}", c.channels),
+        views: Views {
+            names: views::original_only(),
+            per_view: labels.len(),
+            val: ValViews::Original,
+        },
         classes: dataset.classes.clone(),
         split,
         train_rows: &train_rows,
@@ -382,6 +443,8 @@ struct RunSpec<'a> {
     run: &'a RunDir,
     kind: &'a str,
     name: &'a str,
+    /// The views of the data's rows.
+    views: Views,
     classes: Vec<String>,
     split: StudySplit,
     train_rows: &'a [usize],
@@ -389,6 +452,14 @@ struct RunSpec<'a> {
     /// For the log lines ("epoch 3/30") and the measuring batches.
     epochs: usize,
     batch_size: usize,
+}
+
+/// The views of a run's data rows: `names.len()` views of `per_view` images each, view-major
+/// (image `i` under view `v` is row `v * per_view + i`), and how validation scores them.
+struct Views {
+    names: Vec<String>,
+    per_view: usize,
+    val: ValViews,
 }
 
 /// A training procedure: builds and trains a model, calling its argument after every epoch.
@@ -447,6 +518,8 @@ fn train_and_record<M: Model>(
         train_seconds: 0.0,
         images_per_second: 0.0,
         split: spec.split.clone(),
+        views: spec.views.names.clone(),
+        val_views: spec.views.val.name().into(),
     };
     eprintln!(
         "{name}: training on {} rows, validating on {}; run {}",
@@ -483,8 +556,21 @@ fn train_and_record<M: Model>(
     metrics.best_epoch = history.best_epoch;
     metrics.stopped_early = history.stopped_early;
     let n = metrics.classes.len();
-    let measure = |rows: &[usize]| -> Result<Metrics> {
-        let probs = predict(&model, data.inputs, rows, spec.batch_size)?;
+    // `mean`: each validation image's probabilities averaged over its views' rows.
+    let over_views = spec.views.val == ValViews::Mean && spec.views.names.len() > 1;
+    let measure = |rows: &[usize], mean: bool| -> Result<Metrics> {
+        let probs = if mean {
+            let per_view = (0..spec.views.names.len())
+                .map(|v| {
+                    let shifted: Vec<usize> =
+                        rows.iter().map(|r| v * spec.views.per_view + r).collect();
+                    predict(&model, data.inputs, &shifted, spec.batch_size)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            mean_over_views(&per_view)?
+        } else {
+            predict(&model, data.inputs, rows, spec.batch_size)?
+        };
         let flat: Vec<f32> = probs.into_iter().flatten().collect();
         let labels = data.labels;
         let mut cm = ConfusionMatrix::new(n);
@@ -494,7 +580,7 @@ fn train_and_record<M: Model>(
         );
         Ok(cm.compute())
     };
-    let (train, val) = (measure(train_rows)?, measure(val_rows)?);
+    let (train, val) = (measure(train_rows, false)?, measure(val_rows, over_views)?);
     metrics.train_accuracy = train.accuracy;
     metrics.val_accuracy = val.accuracy;
     metrics.confusion_matrix = val.confusion_matrix.clone();

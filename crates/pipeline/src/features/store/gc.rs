@@ -2,7 +2,8 @@
 //!
 //! What is kept: every row map under `datasets/` (one per dataset source and space, replaced by
 //! each extraction of that source; predict inputs have theirs), and every shard holding at
-//! least one content hash some row map of its space lists. What is deleted: shards none of
+//! least one content hash some row map of its space lists (under any of the views that row map
+//! records: see [`super::RowMap::row_keys`]). What is deleted: shards none of
 //! whose rows is referenced, invalid shards (they would be recomputed anyway), stale
 //! temporaries, and the `space.json` and folder of a space left with no shard and no row map.
 //! Nothing is deleted that lacks the store's naming patterns; other files are listed and left
@@ -93,10 +94,11 @@ pub fn run(store: &Store, program: &str) -> Result<GcReport> {
         });
     }
     let maps = store.row_maps()?;
-    let mut referenced: HashMap<&str, HashSet<&str>> = HashMap::new();
+    // Every view's rows count (a view's row key is derived from the image's hash).
+    let mut referenced: HashMap<&str, HashSet<String>> = HashMap::new();
     for (_, m) in &maps {
         let set = referenced.entry(m.space.as_str()).or_default();
-        set.extend(m.rows.iter().filter_map(|r| r.hash.as_deref()));
+        set.extend(m.row_keys());
     }
     let mut report = GcReport {
         row_maps: maps.len(),

@@ -28,15 +28,19 @@ pub struct Index {
 /// A dataset's features gathered from the store, in dataset row order.
 #[derive(Debug, Clone)]
 pub struct FeatureSet {
-    /// `[n, dim]` f32.
+    /// `[views * n, dim]` f32, view-major: the `n` kept rows under the original view, then
+    /// under each further view ([`crate::features::views::expand_rows`]).
     pub features: Tensor,
+    /// Per kept row (`n`), as are `rows` and `ids`.
     pub labels: Vec<usize>,
-    /// Dataset row of each feature row (skipped rows are absent).
+    /// Dataset row of each kept row (skipped rows are absent).
     pub rows: Vec<usize>,
     pub ids: Vec<String>,
     /// The space they live in.
     pub key: CacheKey,
     pub row_map: RowMap,
+    /// The views of the feature rows, original first.
+    pub views: Vec<crate::features::views::View>,
 }
 
 impl Index {

@@ -15,6 +15,7 @@ use super::shard::MAX_SHARD_ROWS;
 use super::{is_hex, FORMAT_VERSION};
 use crate::data::dataset::hex;
 use crate::error::{Error, Result};
+use crate::features::views::{is_original_only, row_key, View};
 
 /// Row maps of labelled datasets (`extract`).
 pub const KIND_DATASET: &str = "dataset";
@@ -72,6 +73,14 @@ pub struct RowMap {
     /// SHA-256 over the classes and every row's (id, label, hash): equal fingerprints mean
     /// the same dataset.
     pub fingerprint: String,
+    /// The augmented views extracted of every row ([`crate::features::views`]): "original"
+    /// first. Left out of the file when it is the original view alone, so a store without
+    /// views is written exactly as before views existed.
+    #[serde(
+        default = "crate::features::views::original_only",
+        skip_serializing_if = "is_original_only"
+    )]
+    pub views: Vec<String>,
     /// True once every row's features are stored or its skip reason is recorded.
     pub complete: bool,
     pub counts: Counts,
@@ -170,6 +179,17 @@ impl RowMap {
                 _ => {}
             }
         }
+        if self.views.first().map(String::as_str) != Some("original") {
+            return Err(format!(
+                "views {:?} do not start with \"original\"",
+                self.views
+            ));
+        }
+        for (i, v) in self.views.iter().enumerate() {
+            if View::from_name(v).is_none() || self.views[..i].contains(v) {
+                return Err(format!("view `{v}` is unknown or repeated"));
+            }
+        }
         if count(&self.rows) != self.counts {
             return Err(format!(
                 "counts {:?} do not match the rows ({:?})",
@@ -181,6 +201,19 @@ impl RowMap {
             return Err("fingerprint does not match the rows (edited or corrupt)".into());
         }
         Ok(())
+    }
+
+    /// The store keys this row map references: every row's content hash under every view
+    /// ([`row_key`]; the original view's key is the hash itself).
+    pub fn row_keys(&self) -> Vec<String> {
+        self.views
+            .iter()
+            .flat_map(|v| {
+                self.rows
+                    .iter()
+                    .filter_map(move |r| Some(row_key(r.hash.as_deref()?, v)))
+            })
+            .collect()
     }
 
     /// The skipped rows: (id, reason).
