@@ -15,3 +15,4 @@ mod study;
 mod train_grad_ops;
 mod train_grad_reference;
 mod train_pipeline;
+mod views;

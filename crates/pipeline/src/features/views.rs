@@ -343,8 +343,7 @@ mod tests {
             for c in 0..3 {
                 for y in 0..8 {
                     for x in 0..8 {
-                        let want =
-                            100.0 * c as f32 + 10.0 * (top + axis[y]) + (left + axis[x]) as f32;
+                        let want = 100.0 * c as f32 + 10.0 * (top + axis[y]) + (left + axis[x]);
                         let got = out[c * 64 + y * 8 + x];
                         assert!(
                             (got - want).abs() < 1e-4,
@@ -363,7 +362,7 @@ mod tests {
     #[test]
     fn a_crop_of_a_checkerboard_interpolates_between_neighbours() {
         // 2x2 image (crop side 1): every output pixel is the crop's single pixel.
-        let img: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0].repeat(3);
+        let img: Vec<f32> = [1.0, 2.0, 3.0, 4.0].repeat(3);
         assert_eq!(View::Crop(Corner::TopLeft).apply(&img, 2), vec![1.0; 12]);
         assert_eq!(
             View::Crop(Corner::BottomRight).apply(&img, 2),
@@ -376,10 +375,10 @@ mod tests {
     fn the_config_spelling_is_parsed_expanded_and_checked() {
         let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            parse_views(&s(&["original"])).unwrap(),
+            parse_views(&s(&["original"])).expect("ok"),
             vec![View::Original]
         );
-        let v = parse_views(&s(&["hflip", "original", "crops:5"])).unwrap();
+        let v = parse_views(&s(&["hflip", "original", "crops:5"])).expect("ok");
         assert_eq!(
             names(&v),
             s(&[
@@ -439,7 +438,7 @@ mod tests {
             vec![vec![0.9, 0.1], vec![0.2, 0.8]],
             vec![vec![0.5, 0.5], vec![0.6, 0.4]],
         ];
-        let mean = mean_over_views(&per_view).unwrap();
+        let mean = mean_over_views(&per_view).expect("ok");
         let want = [[0.7, 0.3], [0.4, 0.6]];
         for (m, w) in mean.iter().zip(want) {
             for (a, b) in m.iter().zip(w) {
@@ -447,7 +446,7 @@ mod tests {
             }
         }
         // One view: the probabilities unchanged, bit for bit.
-        assert_eq!(mean_over_views(&per_view[..1]).unwrap(), per_view[0]);
+        assert_eq!(mean_over_views(&per_view[..1]).expect("ok"), per_view[0]);
         assert!(mean_over_views(&[]).is_err());
         assert!(mean_over_views(&[vec![vec![1.0]], vec![]]).is_err());
     }

@@ -438,11 +438,11 @@ mod tests {
         let device = candle_core::Device::Cpu;
         // logits (x, -x): P(class 0) = sigmoid(2x).
         let shape = HeadShape::new(HeadKind::Linear, 1, 2, 0.0);
-        let head = Head::from_weights(&shape, &[1.0, -1.0], &[0.0, 0.0], &device).unwrap();
+        let head = Head::from_weights(&shape, &[1.0, -1.0], &[0.0, 0.0], &device).expect("ok");
         let half_ln3 = 3f32.ln() / 2.0; // sigmoid(ln 3) = 3/4
         let (a0, a1, b0, b1) = ([0.0f32], [half_ln3], [-half_ln3], [-half_ln3]);
         let per_view = vec![vec![&a0[..], &b0[..]], vec![&a1[..], &b1[..]]];
-        let probs = view_mean_probabilities(&head, &per_view, 1, &device).unwrap();
+        let probs = view_mean_probabilities(&head, &per_view, 1, &device).expect("ok");
         // Image a: (1/2 + 3/4) / 2 = 5/8; image b: (1/4 + 1/4) / 2 = 1/4.
         let want = [[0.625, 0.375], [0.25, 0.75]];
         for (p, w) in probs.iter().zip(want) {
@@ -451,7 +451,7 @@ mod tests {
             }
         }
         // One view: the head's own probabilities.
-        let one = view_mean_probabilities(&head, &per_view[..1], 1, &device).unwrap();
+        let one = view_mean_probabilities(&head, &per_view[..1], 1, &device).expect("ok");
         assert!((one[0][0] - 0.5).abs() < 1e-6 && (one[1][0] - 0.25).abs() < 1e-6);
     }
 

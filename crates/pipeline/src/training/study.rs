@@ -247,7 +247,12 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
         views: Views {
             names: view_names,
             per_view: kept,
-            val: h.val_views,
+            // With the original view alone, "mean" is the original view: said as such.
+            val: if view_count > 1 {
+                h.val_views
+            } else {
+                ValViews::Original
+            },
         },
         classes,
         split,
