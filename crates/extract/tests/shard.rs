@@ -152,7 +152,9 @@ fn parts_come_from_slurm_and_kubernetes_variables_and_the_log_says_so() {
 #[test]
 fn malformed_parts_are_errors_naming_their_source_and_write_nothing() {
     let (dir, config) = setup("shard-env-bad", 4);
-    let cases: [(&[&str], &[(&str, &str)], &[&str]); 5] = [
+    // (arguments, variables, what the error must name)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case; 5] = [
         (
             &[],
             &[

@@ -584,7 +584,9 @@ mod tests {
         ] {
             assert!(Part::parse(bad).is_err(), "{bad} should be refused");
         }
-        assert!(Part::parse("5/4").unwrap_err().contains("counted from 0"));
+        assert!(Part::parse("5/4")
+            .expect_err("5/4")
+            .contains("counted from 0"));
         assert_eq!(Part::parse("2/4").map(|p| p.to_string()), Ok("2/4".into()));
     }
 
