@@ -526,8 +526,9 @@ pub fn remove_superseded(store: &Store, view: &str, fingerprint: &str) -> Result
             }
         }
     }
-    // Only succeeds when nothing is left in it.
+    // Each only succeeds when nothing is left in it.
     let _ = std::fs::remove_dir(&dir);
+    let _ = std::fs::remove_dir(store.dir().join(PARTS));
     Ok(removed)
 }
 
