@@ -10,6 +10,7 @@ mod extract;
 mod fetch;
 mod heads;
 mod inputs;
+mod shard;
 mod store;
 mod study;
 mod train_grad_ops;

@@ -185,6 +185,13 @@ pub struct ExtractConfig {
     /// Seconds to wait for the store's lock when another process holds it, then fail.
     /// Default: wait as long as it takes.
     pub lock_timeout: Option<u64>,
+    /// Extract only part K of N of the dataset ("K/N", counted from 0), as one task of an array
+    /// job on a shared store. `--shard` wins over it; without either, a Slurm job array or a
+    /// Kubernetes Indexed Job sets it (see `features::parts`). Default: none (the whole dataset).
+    pub shard: Option<String>,
+    /// The number of parts of a Kubernetes Indexed Job (its `completions`), when the
+    /// `PIPELINE_SHARD_COUNT` variable does not say it. Default: none.
+    pub shard_count: Option<usize>,
 }
 
 impl ExtractConfig {
@@ -205,6 +212,8 @@ impl Default for ExtractConfig {
             compute: ComputePrecision::F32,
             conv_workspace_mb: 1024,
             lock_timeout: None,
+            shard: None,
+            shard_count: None,
         }
     }
 }
@@ -601,6 +610,14 @@ impl Config {
         }
         if self.extract.conv_workspace_mb == 0 {
             return bad("extract.conv_workspace_mb", "must be at least 1");
+        }
+        if let Some(shard) = &self.extract.shard {
+            if let Err(m) = crate::features::parts::Part::parse(shard) {
+                return bad("extract.shard", &m);
+            }
+        }
+        if self.extract.shard_count == Some(0) {
+            return bad("extract.shard_count", "must be at least 1");
         }
         crate::device::DeviceChoice::parse(&self.extract.device)?;
         crate::features::backbone::spec(&self.backbone.name)?;
@@ -1110,6 +1127,9 @@ mod tests {
             "data.max_file_bytes=0",
             "data.max_image_pixels=0",
             "cnn.channels=[]",
+            "extract.shard=4/4",
+            "extract.shard=\"1 of 4\"",
+            "extract.shard_count=0",
         ] {
             let err = load_str(MINIMAL, &[o]).expect_err(o);
             let key = o.split('=').next().expect("key");
@@ -1118,6 +1138,12 @@ mod tests {
         assert!(load_str("", &[]).is_err(), "no dataset");
         assert!(load_str(MINIMAL, &["data.root=x"]).is_err(), "both layouts");
         assert!(load_str(MINIMAL, &["nodot=1"]).is_err());
+        // `--set extract.shard=2/4` is a bare word: a string.
+        let c = load_str(MINIMAL, &["extract.shard=2/4", "extract.shard_count=4"]).expect("valid");
+        assert_eq!(
+            (c.extract.shard.as_deref(), c.extract.shard_count),
+            (Some("2/4"), Some(4))
+        );
     }
 
     /// A config file and a layer in `<dir>/configs/`; returns (config, layer).

@@ -25,6 +25,10 @@ pub enum Error {
     /// A command-line argument could not be understood.
     #[error("{0}")]
     Usage(String),
+    /// `extract`'s part (`--shard K/N`, `[extract] shard`, a Slurm array or a Kubernetes
+    /// Indexed Job) is malformed; `origin` names where it came from, with the values.
+    #[error("shard from {origin}: {message}")]
+    Shard { origin: String, message: String },
     /// The label CSV could not be parsed.
     #[error("{path}: {message}")]
     Csv { path: PathBuf, message: String },
