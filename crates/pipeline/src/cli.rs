@@ -78,7 +78,10 @@ pub fn parse_with(args: impl IntoIterator<Item = String>, modes: &[Mode]) -> Res
             inline
                 .clone()
                 .or_else(|| it.next())
-                .ok_or_else(|| Error::Usage(format!("{name} needs a value")))
+                .ok_or_else(|| Error::Usage {
+                    argument: name.to_string(),
+                    message: "needs a value".into(),
+                })
         };
         match flag.as_str() {
             "-h" | "--help" => return Ok(Parsed::Help),
@@ -89,9 +92,10 @@ pub fn parse_with(args: impl IntoIterator<Item = String>, modes: &[Mode]) -> Res
                 out.mode = mode.unwrap_or_default();
             }
             _ => {
-                return Err(Error::Usage(format!(
-                    "unknown argument `{arg}` (try --help)"
-                )))
+                return Err(Error::Usage {
+                    argument: arg.clone(),
+                    message: "unknown argument (try --help)".into(),
+                })
             }
         }
     }
