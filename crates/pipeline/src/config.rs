@@ -600,11 +600,12 @@ impl Config {
         }
         parsed.map_err(|e| Error::Config {
             path: path.to_owned(),
-            // Name the key as the user wrote it: `head.lr`, not the lifted `head.train.lr`.
+            // Name the key as the user wrote it: `head.lr`, not the lifted `head.train.lr`;
+            // once (the TOML error's own text would add a second line "in `head.lr`").
             message: format!(
                 "key `{}`: {}",
                 e.path().to_string().replace(".train.", "."),
-                e.inner()
+                e.inner().message()
             ),
         })
     }
@@ -1248,13 +1249,19 @@ mod tests {
                 file: "c.safetensors".into()
             }
         );
-        // The error names the key and the value, and is a config error at load time.
+        // The error names the key (once, on one line) and the value, and is a config error at
+        // load time.
         let err = load_str(MINIMAL, &["extract.device=gpu0"]).expect_err("device");
         let text = err.to_string();
         assert!(
             matches!(err, Error::Config { .. })
                 && text.contains("`extract.device`")
                 && text.contains("gpu0"),
+            "{text}"
+        );
+        assert_eq!(
+            (text.matches("extract.device").count(), text.lines().count()),
+            (1, 1),
             "{text}"
         );
         let err = load_str(MINIMAL, &["backbone.weights=hf:only-owner"]).expect_err("weights");
