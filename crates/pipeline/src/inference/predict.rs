@@ -164,10 +164,9 @@ pub(crate) struct TrainedRun {
 }
 
 impl TrainedRun {
-    /// Reads the run in `dir` and opens its backbone weights, refusing weights whose SHA-256
+    /// Reads the run in `run` and opens its backbone weights, refusing weights whose SHA-256
     /// differs from the one the head was trained on.
-    pub(crate) fn open(dir: PathBuf) -> Result<Self> {
-        let run = dir;
+    pub(crate) fn open(run: PathBuf) -> Result<Self> {
         let trained = read_config(&run)?;
         let key_path = run.join("cache_key.json");
         let key = CacheKey::from_run_json(&std::fs::read(&key_path).at(&key_path)?, &key_path)?;
