@@ -6,6 +6,7 @@ mod common;
 
 mod backbone;
 mod efficientnet;
+mod evaluate;
 mod extract;
 mod fetch;
 mod heads;

@@ -108,7 +108,10 @@ pub fn parse_for(args: impl IntoIterator<Item = String>, accepts: Accepts) -> Re
             inline
                 .clone()
                 .or_else(|| it.next())
-                .ok_or_else(|| Error::Usage(format!("{name} needs a value")))
+                .ok_or_else(|| Error::Usage {
+                    argument: name.to_string(),
+                    message: "needs a value".into(),
+                })
         };
         match flag.as_str() {
             "-h" | "--help" => return Ok(Parsed::Help),
@@ -127,17 +130,18 @@ pub fn parse_for(args: impl IntoIterator<Item = String>, accepts: Accepts) -> Re
                 out.mode = mode.unwrap_or_default();
             }
             _ => {
-                return Err(Error::Usage(format!(
-                    "unknown argument `{arg}` (try --help)"
-                )))
+                return Err(Error::Usage {
+                    argument: arg.clone(),
+                    message: "unknown argument (try --help)".into(),
+                })
             }
         }
     }
     if out.shard.is_some() && out.mode != Mode::Run {
-        return Err(Error::Usage(format!(
-            "--shard and {} cannot be combined",
-            out.mode.flag()
-        )));
+        return Err(Error::Usage {
+            argument: "--shard".into(),
+            message: format!("cannot be combined with {}", out.mode.flag()),
+        });
     }
     Ok(Parsed::Run(out))
 }

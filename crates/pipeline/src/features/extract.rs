@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{Config, DataConfig, OnBadImage};
 use crate::data::dataset::{content_hashes_within, Dataset, InputLimits, Sample};
 use crate::data::preprocess::{Partial, Preprocessing};
-use crate::device::{describe, DeviceChoice};
+use crate::device::describe;
 use crate::error::{Error, Result};
 use crate::features::backbone::{spec, Backbone, BackboneOptions};
 use crate::features::parts::{self, Assignment, Part, PartRecord, PartsFound, Skipped};
@@ -33,7 +33,7 @@ use crate::features::store::rowmap::{self, describe_changes, view_id, KIND_DATAS
 use crate::features::store::{
     CacheKey, FeatureSet, Folder, Index, Row, RowMap, Store, FORMAT_VERSION,
 };
-use crate::features::weights::{Weights, WeightsSource};
+use crate::features::weights::Weights;
 use crate::progress::Progress;
 
 /// Everything resolved before any pixel goes through the network.
@@ -62,12 +62,12 @@ impl Plan {
     /// before any work is done.
     pub fn new(config: &Config) -> Result<Self> {
         let dataset = Dataset::load(&config.data)?;
-        let source = WeightsSource::parse(&config.backbone.weights);
+        let source = &config.backbone.weights;
         let weights = Weights::open(source.resolve()?)?;
         let preprocessing = Partial::from_config(&config.preprocess)
             .or(Partial::from_metadata(&weights.metadata, &weights.path)?)
             .or(source.known_preprocessing())
-            .complete(config.preprocess.resize, &config.backbone.weights)?;
+            .complete(config.preprocess.resize, &source.to_string())?;
         let (hashes, unreadable) =
             hash_rows(&dataset.samples, &dataset.limits, config.data.on_bad_image)?;
         let key = space_key(config, &weights, &preprocessing)?;
@@ -128,7 +128,7 @@ impl Plan {
             kind: KIND_DATASET.into(),
             source: self.source.clone(),
             space: self.key.id(),
-            weights: config.backbone.weights.clone(),
+            weights: config.backbone.weights.to_string(),
             classes: self.dataset.classes.clone(),
             batch_size,
             fingerprint: self.fingerprint.clone(),
@@ -511,7 +511,7 @@ fn run_part(config: &Config, assignment: Option<&Assignment>) -> Result<Summary>
     let backbone = if jobs.is_empty() {
         None
     } else {
-        let device = DeviceChoice::parse(&config.extract.device)?.open_logged("extract")?;
+        let device = config.extract.device.open_logged("extract")?;
         let model = load_backbone(&plan.weights, &device, config)?;
         Some((device, model))
     };
