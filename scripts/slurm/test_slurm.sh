@@ -206,6 +206,10 @@ for _ in $(seq "$WAIT_S"); do
         done_jobs=1
         break
     fi
+    # A failed array task leaves train-head pending for ever: stop waiting at once.
+    if [ "$(squeue -h -j "$HEAD" -o %r 2>/dev/null)" = "DependencyNeverSatisfied" ]; then
+        die "an array task failed, so train-head can never start: $(scontrol show job "$ARRAY" | grep -o 'JobState=[A-Z_]*' | sort | uniq -c | tr -s ' ')"
+    fi
     sleep 1
 done
 [ -n "$done_jobs" ] || die "the jobs did not finish in $WAIT_S s: $(squeue -h)"
