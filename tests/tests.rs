@@ -6,10 +6,12 @@ mod common;
 
 mod backbone;
 mod efficientnet;
+mod evaluate;
 mod extract;
 mod fetch;
 mod heads;
 mod inputs;
+mod shard;
 mod store;
 mod study;
 mod train_grad_ops;

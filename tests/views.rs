@@ -424,12 +424,11 @@ fn the_real_study_images_with_hflip_train_and_predict() {
     c.data.image_column = "image_names".into();
     c.data.label_column = "emergency_or_not".into();
     c.data.limit = Some(16);
-    c.backbone.weights = shared
-        .join("weights/vgg16-oxford-imagenet-features.safetensors")
-        .display()
-        .to_string();
+    c.backbone.weights = pipeline::WeightsSource::Local(
+        shared.join("weights/vgg16-oxford-imagenet-features.safetensors"),
+    );
     c.extract.batch_size = 8;
-    c.extract.device = "cpu".into();
+    c.extract.device = pipeline::device::DeviceChoice::Cpu;
     c.extract.out = dir.join("features");
     c.extract.views = s(&["original", "hflip"]);
     c.split.val_fraction = 0.25;

@@ -6,3 +6,4 @@ mod cli;
 mod fresh_clone;
 mod inputs;
 mod launcher;
+mod shard;
