@@ -477,3 +477,36 @@ fn the_real_study_images_with_hflip_train_and_predict() {
     let again = pipeline::inference::predict::run(&c).expect("predict");
     assert_eq!((again.computed, again.from_store), (0, 6), "{again}");
 }
+
+#[test]
+fn sharded_parts_with_views_add_up_to_the_unsharded_store_and_skip_bad_images_once() {
+    let (dir, mut c) = fixture("views-shard", 9);
+    c.extract.views = s(&["original", "hflip"]);
+    c.data.on_bad_image = pipeline::config::OnBadImage::Skip;
+    std::fs::write(dir.join("images/img004.png"), "not a png").expect("garbage");
+    let only_store = |out: &Path| -> std::collections::BTreeMap<String, Vec<u8>> {
+        files(out)
+            .into_iter()
+            .filter(|(name, _)| !name.starts_with("parts/"))
+            .collect()
+    };
+    let mut reference = c.clone();
+    reference.extract.out = dir.join("reference");
+    let whole = extract(&reference);
+    assert_eq!((whole.computed, whole.skipped), (16, 1), "{whole}");
+    c.extract.out = dir.join("parts");
+    let mut last = None;
+    for k in 0..3 {
+        let mut part = c.clone();
+        part.extract.shard = Some(format!("{k}/3"));
+        last = Some(extract(&part));
+    }
+    assert!(last.and_then(|s| s.part).is_some_and(|p| p.union));
+    assert_eq!(
+        only_store(&c.extract.out),
+        only_store(&reference.extract.out),
+        "the union of the parts is the unsharded store, view rows included"
+    );
+    let set = load(&c).expect("load");
+    assert_eq!((set.rows.len(), set.features.dims()[0]), (8, 16));
+}

@@ -575,7 +575,19 @@ fn run_part(config: &Config, assignment: Option<&Assignment>) -> Result<Summary>
         for (path, header) in written {
             index.add(path, header);
         }
-        bad.extend(outcome.skipped);
+        // Skip reasons are recorded by the image's content hash, whichever view's row failed
+        // to decode (a part may hold a view of an image whose original row is another part's).
+        let slot_of: HashMap<&str, usize> = jobs
+            .iter()
+            .flat_map(|j| j.items.iter().map(|(k, slot)| (k.as_str(), *slot)))
+            .collect();
+        for (key, reason) in outcome.skipped {
+            let image = slot_of
+                .get(key.as_str())
+                .and_then(|slot| plan.hashes[slot % rows].clone())
+                .unwrap_or(key);
+            bad.insert(image, reason);
+        }
         (device_name, outcome.computed)
     } else {
         eprintln!(
