@@ -26,21 +26,9 @@ fn root() -> PathBuf {
     testkit::workspace_root()
 }
 
-/// A generated dataset of `n` images, random weights and a pipeline.toml (32x32 input, batch
-/// 2, store `features`).
+/// 32x32 input, batch 2.
 fn setup(test: &str, n: usize) -> (PathBuf, PathBuf) {
-    let dir = testkit::temp_dir(test);
-    testkit::write_dataset(&dir, n);
-    testkit::write_vgg_weights(&dir.join("w.safetensors"), |_, _| None);
-    let config = dir.join("pipeline.toml");
-    std::fs::write(
-        &config,
-        "[data]\ncsv = \"labels.csv\"\nimages = \"images\"\nimage_column = \"file\"\n\
-         label_column = \"class\"\n[backbone]\nweights = \"w.safetensors\"\n\
-         [preprocess]\ninput_size = 32\n[extract]\nbatch_size = 2\ndevice = \"cpu\"\n",
-    )
-    .expect("config");
-    (dir, config)
+    crate::setup_sized(test, n, 32, 2)
 }
 
 fn command(program: impl AsRef<std::ffi::OsStr>, vars: &[(&str, &str)]) -> Command {

@@ -28,6 +28,7 @@ use crate::inference::predict::{
     choose_run_as, predicted_classes, prediction_columns, score, table, write_csv, TrainedRun,
 };
 use crate::reporting::plot::confusion_matrix_png;
+use crate::reporting::report::markdown_rule;
 use crate::training::metrics::{ConfusionMatrix, Metrics};
 
 /// Names of the files an evaluation writes into `[evaluate] output`.
@@ -444,18 +445,7 @@ fn grid(rows: &[Vec<String>], style: Style) -> String {
         }
         out.push('\n');
         if r == 0 && style == Style::Markdown {
-            let rule: Vec<String> = width
-                .iter()
-                .enumerate()
-                .map(|(i, &w)| {
-                    if i == 0 {
-                        "-".repeat(w + 2)
-                    } else {
-                        format!("{}:", "-".repeat(w + 1))
-                    }
-                })
-                .collect();
-            out.push_str(&format!("|{}|\n", rule.join("|")));
+            out.push_str(&markdown_rule(&width));
         }
     }
     out
