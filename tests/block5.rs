@@ -1,0 +1,276 @@
+//! Fine-tuning VGG16's block 5 ([`pipeline::models::Block5Head`] and its convolution
+//! [`pipeline::models::gemm_conv::conv3x3_gemm`]): gradients against finite differences (f64,
+//! every parameter) and against PyTorch (`scripts/make_block5_reference.py`, 1e-5 relative),
+//! and the saved model's round trip. Small channels and sides, so all of it runs in seconds.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use pipeline::features::Weights;
+use pipeline::models::gemm_conv::conv3x3_gemm;
+use pipeline::models::{Block5Head, Block5Shape};
+use pipeline::training::{Model, Rng, Rows};
+
+use crate::train_grad_ops::{check, random, values, weighted};
+
+/// (batch, in channels, out channels, height, width): odd sizes, batch 1, width 1, more images
+/// than one weight-gradient chunk (8).
+const SHAPES: [(usize, usize, usize, usize, usize); 5] = [
+    (1, 1, 1, 3, 3),
+    (5, 3, 4, 5, 7),
+    (1, 8, 2, 6, 5),
+    (3, 2, 8, 4, 1),
+    (11, 2, 3, 2, 3),
+];
+
+#[test]
+fn gemm_conv_gradients_match_finite_differences() {
+    let mut rng = Rng::new(11);
+    for (n, cin, cout, h, w) in SHAPES {
+        let x = Var::from_tensor(&random(&[n, cin, h, w], &mut rng, -1.0, 1.0)).expect("x");
+        let wt = Var::from_tensor(&random(&[cout, cin, 3, 3], &mut rng, -1.0, 1.0)).expect("w");
+        let b = Var::from_tensor(&random(&[cout], &mut rng, -1.0, 1.0)).expect("b");
+        let r = random(&[n, cout, h, w], &mut rng, -1.0, 1.0);
+        let out = conv3x3_gemm(&x, &wt, &b).expect("conv");
+        // The forward agrees with candle's conv2d.
+        let theirs = x
+            .conv2d(&wt, 1, 1, 1, 1)
+            .and_then(|y| y.broadcast_add(&b.reshape((1, cout, 1, 1))?))
+            .expect("candle");
+        for (p, q) in values(&out).iter().zip(values(&theirs)) {
+            assert!((p - q).abs() < 1e-12, "forward {p} vs candle {q}");
+        }
+        let grads = weighted(&out, &r).backward().expect("backward");
+        let loss = || {
+            let out = conv3x3_gemm(&x, &wt, &b).expect("conv");
+            weighted(&out, &r).to_scalar::<f64>().expect("loss")
+        };
+        let shape = format!("{n}x{cin}x{h}x{w} -> {cout}");
+        for (name, var) in [("x", &x), ("weight", &wt), ("bias", &b)] {
+            let g = grads.get(var).expect("gradient");
+            check(&format!("gemm conv {shape} {name}"), var, g, loss);
+        }
+    }
+}
+
+#[test]
+fn gemm_conv_gives_no_gradient_to_untracked_input_and_rejects_bad_shapes() {
+    let mut rng = Rng::new(12);
+    let x = random(&[5, 3, 5, 7], &mut rng, 0.0, 1.0);
+    let wt = Var::from_tensor(&random(&[4, 3, 3, 3], &mut rng, -1.0, 1.0)).expect("w");
+    let b = Var::from_tensor(&random(&[4], &mut rng, -1.0, 1.0)).expect("b");
+    let grads = conv3x3_gemm(&x, &wt, &b)
+        .and_then(|y| Ok(y.sum_all()?.backward()?))
+        .expect("backward");
+    assert!(grads.get(&x).is_none());
+    assert!(grads.get(&wt).is_some() && grads.get(&b).is_some());
+    assert!(conv3x3_gemm(&x, &random(&[4, 2, 3, 3], &mut rng, 0.0, 1.0), &b).is_err());
+    assert!(conv3x3_gemm(&x, &wt, &random(&[3], &mut rng, 0.0, 1.0)).is_err());
+}
+
+/// A weights file holding block 5 (`features.24/26/28`) of `c` channels, drawn from `seed`.
+fn block5_weights(dir: &Path, c: usize, seed: u64) -> Weights {
+    let mut rng = Rng::new(seed);
+    let bound = 3.0 / ((c * 9) as f64).sqrt();
+    let mut tensors = HashMap::new();
+    for index in [24, 26, 28] {
+        let w = random(&[c, c, 3, 3], &mut rng, -bound, bound);
+        let b = random(&[c], &mut rng, -0.1, 0.1);
+        tensors.insert(
+            format!("features.{index}.weight"),
+            w.to_dtype(DType::F32).expect("w"),
+        );
+        tensors.insert(
+            format!("features.{index}.bias"),
+            b.to_dtype(DType::F32).expect("b"),
+        );
+    }
+    let path = dir.join(format!("block5-{c}-{seed}.safetensors"));
+    candle_core::safetensors::save(&tensors, &path).expect("save weights");
+    Weights::open(path).expect("open weights")
+}
+
+fn shape(c: usize, side: usize, classes: usize) -> Block5Shape {
+    Block5Shape {
+        channels: c,
+        side,
+        classes,
+        conv_lr_scale: 0.1,
+    }
+}
+
+#[test]
+fn block5_gradients_match_finite_differences() {
+    let dir = testkit::temp_dir("block5-fd");
+    // (channels, side, classes, batch): an odd side drops the pool's last row and column.
+    for (c, side, classes, n) in [(4, 4, 3, 3), (3, 5, 2, 2)] {
+        let weights = block5_weights(&dir, c, 7);
+        let model = Block5Head::new(
+            &shape(c, side, classes),
+            &weights,
+            &mut Rng::new(8),
+            DType::F64,
+            &Device::Cpu,
+        )
+        .expect("model");
+        let mut rng = Rng::new(9);
+        // Block-4 activations are ReLU outputs: non-negative.
+        let x = random(&[n, c * side * side], &mut rng, 0.0, 1.0);
+        let rows: Vec<usize> = (0..n).rev().collect();
+        let batch = Rows {
+            data: &x,
+            rows: &rows,
+        };
+        let r = random(&[n, classes], &mut rng, -1.0, 1.0);
+        let out = model.forward_t(&batch, true).expect("logits");
+        let grads = weighted(&out, &r).backward().expect("backward");
+        let params = model.params().sorted().expect("params");
+        assert_eq!(params.len(), 3 * 2 + 2, "three convs and the head");
+        for (name, var) in params {
+            let g = grads
+                .get(&var)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let loss = || {
+                let out = model.forward_t(&batch, false).expect("logits");
+                weighted(&out, &r).to_scalar::<f64>().expect("loss")
+            };
+            check(&format!("block5 c{c} s{side} {name}"), &var, g, loss);
+        }
+        // The per-group learning rates: convolutions at conv_lr_scale, the head at 1.
+        assert_eq!(model.lr_scale("block5.conv0.weight"), 0.1);
+        assert_eq!(model.lr_scale("fc.weight"), 1.0);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn reference_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/block5_reference.safetensors")
+}
+
+/// PyTorch's model, loss and gradients, run through [`Block5Head`] in `dtype`; every
+/// parameter's gradient is compared to `tol` relative to the largest magnitude of PyTorch's.
+fn compare_with_pytorch(dtype: DType, tol: f64) {
+    let reference: HashMap<String, Tensor> =
+        candle_core::safetensors::load(reference_path(), &Device::Cpu)
+            .expect("reference data (scripts/make_block5_reference.py)");
+    let get = |name: &str| {
+        reference
+            .get(name)
+            .unwrap_or_else(|| panic!("reference tensor {name}"))
+    };
+    let (n, c, side, _) = get("x").dims4().expect("x");
+    let classes = get("fc.bias").dim(0).expect("classes");
+    let weights = Weights::open(reference_path()).expect("weights");
+    let model = Block5Head::new(
+        &shape(c, side, classes),
+        &weights,
+        &mut Rng::new(1),
+        dtype,
+        &Device::Cpu,
+    )
+    .expect("model");
+    // Every parameter set to PyTorch's exact values (`Weights` reads f32).
+    let ours_to_theirs = |name: &str| -> String {
+        match name {
+            "fc.weight" | "fc.bias" => name.to_string(),
+            _ => {
+                let i: usize = name[11..12].parse().expect("conv index");
+                format!("features.{}.{}", 24 + 2 * i, &name[13..])
+            }
+        }
+    };
+    let params = model.params().sorted().expect("params");
+    for (name, var) in &params {
+        let theirs = get(&ours_to_theirs(name)).to_dtype(dtype).expect("dtype");
+        var.set(&theirs).expect("set");
+    }
+    let x = get("x")
+        .flatten_from(1)
+        .and_then(|x| x.to_dtype(dtype))
+        .expect("x");
+    let rows: Vec<usize> = (0..n).collect();
+    let logits = model
+        .forward_t(
+            &Rows {
+                data: &x,
+                rows: &rows,
+            },
+            true,
+        )
+        .expect("logits");
+    let labels: Vec<u32> = values(get("labels")).iter().map(|&l| l as u32).collect();
+    let labels = Tensor::from_vec(labels, n, &Device::Cpu).expect("labels");
+    let loss = candle_nn::loss::cross_entropy(&logits, &labels).expect("loss");
+    let close = |what: &str, ours: &Tensor, theirs: &Tensor| {
+        assert_eq!(ours.dims(), theirs.dims(), "{what}: shape");
+        let (a, b) = (
+            values(&ours.to_dtype(DType::F64).expect("f64")),
+            values(theirs),
+        );
+        let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (p - q).abs() <= tol * scale,
+                "{what}[{i}] ({dtype:?}): ours {p}, PyTorch {q} (scale {scale})"
+            );
+        }
+    };
+    close("logits", &logits, get("logits"));
+    close("loss", &loss.reshape(1).expect("loss"), get("loss"));
+    let grads = loss.backward().expect("backward");
+    for (name, var) in &params {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        close(
+            &format!("grad {name}"),
+            g,
+            get(&format!("grad.{}", ours_to_theirs(name))),
+        );
+    }
+}
+
+#[test]
+fn block5_gradients_match_pytorch() {
+    compare_with_pytorch(DType::F64, 1e-5);
+    // The training dtype, within f32 rounding.
+    compare_with_pytorch(DType::F32, 1e-4);
+}
+
+#[test]
+fn block5_save_load_gives_identical_logits() {
+    let dir = testkit::temp_dir("block5-save");
+    let (c, side, classes) = (4, 4, 2);
+    let weights = block5_weights(&dir, c, 3);
+    let model = Block5Head::new(
+        &shape(c, side, classes),
+        &weights,
+        &mut Rng::new(4),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("model");
+    let x = random(&[6, c * side * side], &mut Rng::new(5), 0.0, 1.0)
+        .to_dtype(DType::F32)
+        .expect("x");
+    let path = dir.join("block5.safetensors");
+    model.save(&path).expect("save");
+    let loaded = Block5Head::load(&path, &Device::Cpu).expect("load");
+    assert_eq!(loaded.shape(), model.shape());
+    let (a, b) = (
+        model.logits(&x).expect("logits"),
+        loaded.logits(&x).expect("logits"),
+    );
+    let (a, b) = (
+        a.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("a"),
+        b.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("b"),
+    );
+    assert_eq!(a, b);
+    // A file that is not a block-5 model is an error naming it, not a panic.
+    let bad = dir.join("not-a-model.safetensors");
+    std::fs::write(&bad, b"garbage").expect("write");
+    let err = Block5Head::load(&bad, &Device::Cpu).err().expect("error");
+    assert!(err.to_string().contains("not-a-model"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
