@@ -274,3 +274,69 @@ fn block5_save_load_gives_identical_logits() {
     assert!(err.to_string().contains("not-a-model"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Seeded batch of `b` images of side `s` in the range of Oxford-preprocessed pixels.
+fn images(b: usize, s: usize) -> Tensor {
+    let mut rng = Rng::new(21);
+    random(&[b, 3, s, s], &mut rng, -120.0, 135.0)
+        .to_dtype(DType::F32)
+        .expect("f32")
+}
+
+/// max |a - b| / max |b|.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (
+        values(&a.to_dtype(DType::F64).expect("a")),
+        values(&b.to_dtype(DType::F64).expect("b")),
+    );
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+#[test]
+fn pool4_engines_agree_and_block5_on_pool4_gives_pool5() {
+    use pipeline::features::store::Layer;
+    use pipeline::features::{load_layer, BackboneOptions};
+    let weights = Weights::open(crate::common::random_weights().to_path_buf()).expect("weights");
+    let x = images(3, 64);
+    let options = BackboneOptions::default();
+    let pool4 = load_layer("vgg16", Layer::Pool4, &weights, &Device::Cpu, &options)
+        .and_then(|b| b.forward(&x))
+        .expect("pool4");
+    assert_eq!(pool4.dims(), &[3, 512 * 4 * 4]);
+    // The candle engine (the CUDA path) cut the same way agrees.
+    let candle = pipeline::Vgg16Features::load_candle(&weights, &Device::Cpu, DType::F32, 1 << 20)
+        .and_then(|v| v.through_block4())
+        .and_then(|v| v.forward(&x))
+        .expect("candle pool4");
+    assert!(rel(&candle, &pool4) <= 1e-5, "{:e}", rel(&candle, &pool4));
+    // Block 5 of the same weights on the pool4 activations is the whole network's pool5.
+    let pool5 = load_layer("vgg16", Layer::Output, &weights, &Device::Cpu, &options)
+        .and_then(|b| b.forward(&x))
+        .expect("pool5");
+    let model = Block5Head::new(
+        &shape(512, 4, 2),
+        &weights,
+        &mut Rng::new(1),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("model");
+    let ours = model.block5_features(&pool4).expect("block 5");
+    assert_eq!(ours.dims(), pool5.dims());
+    assert!(rel(&ours, &pool5) <= 1e-5, "{:e}", rel(&ours, &pool5));
+    // pool4 is VGG16's: another backbone is an error naming the key.
+    let err = load_layer(
+        "efficientnet_lite0",
+        Layer::Pool4,
+        &weights,
+        &Device::Cpu,
+        &options,
+    )
+    .err()
+    .expect("error");
+    assert!(err.to_string().contains("head.unfreeze"), "{err}");
+}
