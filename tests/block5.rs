@@ -340,3 +340,197 @@ fn pool4_engines_agree_and_block5_on_pool4_gives_pool5() {
     .expect("error");
     assert!(err.to_string().contains("head.unfreeze"), "{err}");
 }
+
+/// Reads `predict`'s CSV: (image, label, probabilities).
+fn read_predictions(path: &Path) -> Vec<(String, String, Vec<f32>)> {
+    std::fs::read_to_string(path)
+        .expect("predictions")
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            let probs = cells[2..]
+                .iter()
+                .map(|p| p.parse().expect("prob"))
+                .collect();
+            (cells[0].to_string(), cells[1].to_string(), probs)
+        })
+        .collect()
+}
+
+/// Probabilities of the run's saved model on the store's rows, computed here directly.
+fn direct_probabilities(run: &Path, features: &Tensor) -> Vec<Vec<f32>> {
+    let model = Block5Head::load(&run.join("block5.safetensors"), &Device::Cpu).expect("load");
+    let logits = model.logits(features).expect("logits");
+    pipeline::training::probabilities(&logits).expect("probabilities")
+}
+
+/// `train-head` with `unfreeze = "block5"` on a generated dataset (random weights, 32x32, so
+/// block 4's map is 2x2): it extracts the block-4 activations itself into their own space,
+/// trains the head and then block 5, records a block-5 run, and `predict` runs the frozen
+/// convs to pool4, then the fine-tuned block and head.
+#[test]
+fn block5_run_extracts_pool4_trains_and_predicts() {
+    use pipeline::config::Unfreeze;
+    use pipeline::features::store::Layer;
+    let (dir, mut c) = crate::common::fixture("block5-e2e", 12);
+    c.head.unfreeze = Unfreeze::Block5;
+    c.head.finetune_epochs = 2;
+    c.head.train.epochs = 3;
+    c.head.train.batch_size = 4;
+    c.split.val_fraction = 0.25;
+    c.output.runs = dir.join("runs");
+    c.validate().expect("valid");
+    let run = pipeline::training::study::train_head(&c).expect("train-head");
+    let name = run
+        .dir
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(name.starts_with("head-block5-"), "{name}");
+    assert!(run.metrics.name.contains("block 5"), "{}", run.metrics.name);
+    assert_eq!(run.metrics.history.len(), 3 + 2);
+    let epochs: Vec<usize> = run.metrics.history.iter().map(|r| r.epoch).collect();
+    assert_eq!(epochs, [1, 2, 3, 4, 5]);
+    assert!(run.dir.join("block5.safetensors").is_file());
+    let key: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.dir.join("cache_key.json")).expect("key"))
+            .expect("json");
+    assert_eq!(key["layer"], "pool4");
+    // The store now holds the pool4 space, complete: extract computes nothing more.
+    let set = crate::common::load(&c).expect("pool4 features");
+    assert_eq!(set.key.layer, Layer::Pool4);
+    assert_eq!(set.features.dims(), [12, 512 * 2 * 2]);
+    let again = pipeline::features::extract::run(&c).expect("extract");
+    assert_eq!(again.computed, 0);
+    // predict: the images are in the store; computed again from the files in a fresh store,
+    // the answers are the same, and both are the run's model on the stored activations.
+    c.predict.input = Some(c.data.csv.clone().expect("csv"));
+    c.predict.output = Some(dir.join("out.csv"));
+    c.predict.run = Some(run.dir.clone());
+    let s = pipeline::inference::predict::run(&c).expect("predict");
+    assert_eq!((s.images, s.from_store, s.computed), (12, 12, 0));
+    let from_store = read_predictions(&dir.join("out.csv"));
+    let expected = direct_probabilities(&run.dir, &set.features);
+    assert_eq!(from_store.len(), 12);
+    for ((id, _, probs), (want_id, want)) in from_store.iter().zip(set.ids.iter().zip(&expected)) {
+        assert_eq!(id, want_id);
+        for (p, q) in probs.iter().zip(want) {
+            assert!((p - q).abs() <= 2e-6, "{id}: {p} vs {q}");
+        }
+    }
+    std::fs::remove_dir_all(&c.extract.out).expect("remove store");
+    let s = pipeline::inference::predict::run(&c).expect("predict computing");
+    assert_eq!((s.images, s.computed), (12, 12));
+    let computed = read_predictions(&dir.join("out.csv"));
+    for (a, b) in computed.iter().zip(&from_store) {
+        assert_eq!(a.1, b.1, "{}", a.0);
+        for (p, q) in a.2.iter().zip(&b.2) {
+            assert!((p - q).abs() <= 1e-5, "{}: {p} vs {q}", a.0);
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The real study images and VGG16 weights: block 5 of the real weights on the pool4
+/// activations gives the reference pool5 features, and a short block-5 run trains and
+/// predicts on a few study images.
+#[test]
+fn block5_on_real_weights_and_study_images() {
+    use pipeline::config::{Config, Unfreeze};
+    use pipeline::features::store::Layer;
+    use pipeline::features::{load_layer, BackboneOptions};
+    let Some(shared) = testkit::shared_dir("block5_on_real_weights_and_study_images") else {
+        return;
+    };
+    let weights_path = shared.join("weights/vgg16-oxford-imagenet-features.safetensors");
+    let weights = Weights::open(weights_path.clone()).expect("weights");
+    let pool4 = load_layer(
+        "vgg16",
+        Layer::Pool4,
+        &weights,
+        &Device::Cpu,
+        &BackboneOptions::default(),
+    )
+    .expect("pool4");
+    let model = Block5Head::new(
+        &shape(512, 14, 2),
+        &weights,
+        &mut Rng::new(1),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("model");
+    for image in ["chelsea", "coffee"] {
+        let (dims, input) =
+            testkit::read_npy_f32(&shared.join(format!("reference/{image}_vgg16_input.npy")));
+        let (_, expected) =
+            testkit::read_npy_f32(&shared.join(format!("reference/{image}_vgg16_pool5.npy")));
+        let x = Tensor::from_vec(input, dims, &Device::Cpu).expect("input");
+        let a = pool4.forward(&x).expect("pool4");
+        assert_eq!(a.dims(), [1, 512 * 14 * 14]);
+        let got: Vec<f32> = model
+            .block5_features(&a)
+            .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+            .expect("block 5");
+        let err = testkit::max_relative_error(&got, &expected);
+        assert!(
+            err <= 1e-5,
+            "{image}: pool4 + block 5 vs reference pool5: {err:e}"
+        );
+    }
+
+    let dir = testkit::temp_dir("block5-real");
+    let data = shared.join("data/emergency-vehicles");
+    let mut c = Config::default();
+    c.data.csv = Some(data.join("train.csv"));
+    c.data.images = Some(data.join("images"));
+    c.data.image_column = "image_names".into();
+    c.data.label_column = "emergency_or_not".into();
+    c.data.limit = Some(12);
+    c.backbone.weights = weights_path.display().to_string();
+    c.extract.batch_size = 6;
+    c.extract.device = "cpu".into();
+    c.extract.out = dir.join("features");
+    c.output.runs = dir.join("runs");
+    c.split.val_fraction = 0.25;
+    c.head.unfreeze = Unfreeze::Block5;
+    c.head.train.epochs = 2;
+    c.head.train.batch_size = 6;
+    c.head.finetune_epochs = 1;
+    c.validate().expect("valid");
+    // `extract` with this config extracts the block-4 activations.
+    let s = pipeline::features::extract::run(&c).expect("extract");
+    assert_eq!((s.images, s.computed), (12, 12));
+    let run = pipeline::training::study::train_head(&c).expect("train-head");
+    assert_eq!(run.metrics.history.len(), 3);
+    assert!(run.metrics.val_accuracy.is_finite());
+    // Three images of the training rows (in the store) and two others (computed).
+    let names: Vec<String> = std::fs::read_to_string(data.join("train.csv"))
+        .expect("csv")
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().expect("name").to_string())
+        .collect();
+    let chosen = [&names[0], &names[5], &names[11], &names[12], &names[13]];
+    let list = dir.join("predict.csv");
+    let text = std::iter::once("image_names".to_string())
+        .chain(chosen.iter().map(|n| n.to_string()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&list, text + "\n").expect("list");
+    c.predict.input = Some(list);
+    c.predict.output = Some(dir.join("out.csv"));
+    c.predict.run = Some(run.dir.clone());
+    let s = pipeline::inference::predict::run(&c).expect("predict");
+    assert_eq!((s.images, s.from_store, s.computed), (5, 3, 2), "{s}");
+    let out = read_predictions(&dir.join("out.csv"));
+    assert_eq!(out.len(), 5);
+    for (id, label, probs) in &out {
+        assert!(label == "0" || label == "1", "{id}: {label}");
+        let sum: f32 = probs.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-4, "{id}: {probs:?}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -20,14 +20,17 @@ use crate::config::{Config, OnBadImage};
 use crate::data::dataset::{content_hashes_within, Dataset, InputLimits};
 use crate::device::{describe, DeviceChoice};
 use crate::error::{Error, IoContext, Result};
-use crate::features::backbone::{spec, BackboneOptions};
+use crate::features::backbone::{load_layer, BackboneOptions};
 use crate::features::extract::{compute_jobs, Computed, Engine, Job, Work};
 use crate::features::store::rowmap::{self, view_id, KIND_PREDICT};
-use crate::features::store::{atomic_write, shard, CacheKey, Row, RowMap, Store, FORMAT_VERSION};
+use crate::features::store::{
+    atomic_write, shard, CacheKey, Layer, Row, RowMap, Store, FORMAT_VERSION,
+};
 use crate::features::weights::{Weights, WeightsSource};
+use crate::models::finetune::Block5Head;
 use crate::models::head::Head;
 use crate::reporting::runs::{latest_finished, read_config, read_status, RunStatus};
-use crate::training::study::{head_probabilities, read_metrics};
+use crate::training::study::{head_probabilities, read_metrics, BLOCK5_FILE};
 
 /// What a prediction run did.
 #[derive(Debug, Clone)]
@@ -228,7 +231,7 @@ pub fn run(config: &Config) -> Result<Summary> {
             compute: trained.extract.compute,
             ..BackboneOptions::from_config(&config.extract)
         };
-        let backbone = (spec(&key.backbone)?.load)(&weights, &device, &options)?;
+        let backbone = load_layer(&key.backbone, key.layer, &weights, &device, &options)?;
         let jobs: Vec<Job> = misses
             .chunks(batch_size.max(1))
             .map(|items| Job {
@@ -309,7 +312,7 @@ pub fn run(config: &Config) -> Result<Summary> {
     );
     drop(store);
 
-    let head = Head::load(&run.join("head.safetensors"), &device)?;
+    let model = TrainedModel::load(&run, &key, &device)?;
     let mut labelled: Vec<(String, Vec<f32>)> = Vec::with_capacity(samples.len());
     let mut skipped = 0;
     let usable: Vec<(&Row, &Vec<f32>)> = rows
@@ -325,7 +328,7 @@ pub fn run(config: &Config) -> Result<Summary> {
     for chunk in usable.chunks(batch_size.max(1)) {
         let flat: Vec<f32> = chunk.iter().flat_map(|(_, f)| f.iter().copied()).collect();
         let x = Tensor::from_vec(flat, (chunk.len(), key.dim), &device)?;
-        let probs = head_probabilities(&head, &x)?;
+        let probs = model.probabilities(&x)?;
         labelled.extend(chunk.iter().map(|(r, _)| r.id.clone()).zip(probs));
     }
     let trained_data = &trained.data;
@@ -346,6 +349,32 @@ pub fn run(config: &Config) -> Result<Summary> {
         output,
         run,
     })
+}
+
+/// What a head run trained: a head on stored features, or (a run on block-4 activations)
+/// VGG16's fine-tuned block 5 with its head.
+pub enum TrainedModel {
+    Head(Head),
+    Block5(Block5Head),
+}
+
+impl TrainedModel {
+    /// The model of `run`, trained in space `key`: `block5.safetensors` for a pool4 space,
+    /// else `head.safetensors`.
+    pub fn load(run: &Path, key: &CacheKey, device: &candle_core::Device) -> Result<Self> {
+        Ok(match key.layer {
+            Layer::Pool4 => Self::Block5(Block5Head::load(&run.join(BLOCK5_FILE), device)?),
+            Layer::Output => Self::Head(Head::load(&run.join("head.safetensors"), device)?),
+        })
+    }
+
+    /// Softmax probabilities of stored rows of the run's space (`[n, key.dim]`).
+    pub fn probabilities(&self, x: &Tensor) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Self::Head(head) => head_probabilities(head, x),
+            Self::Block5(model) => crate::training::fit::probabilities(&model.logits(x)?),
+        }
+    }
 }
 
 /// The output CSV: image, predicted label (the class's own value), `prob_<class>` columns.
