@@ -489,9 +489,9 @@ fn block5_on_real_weights_and_study_images() {
     c.data.image_column = "image_names".into();
     c.data.label_column = "emergency_or_not".into();
     c.data.limit = Some(12);
-    c.backbone.weights = weights_path.display().to_string();
+    c.backbone.weights = pipeline::features::WeightsSource::Local(weights_path.clone());
     c.extract.batch_size = 6;
-    c.extract.device = "cpu".into();
+    c.extract.device = pipeline::device::DeviceChoice::Cpu;
     c.extract.out = dir.join("features");
     c.output.runs = dir.join("runs");
     c.split.val_fraction = 0.25;

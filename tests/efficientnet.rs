@@ -628,10 +628,9 @@ fn efficientnet_lite0_through_the_registry_extracts_trains_and_predicts() {
     };
     let (dir, mut c) = crate::common::fixture("lite0-registry", 12);
     c.backbone.name = "efficientnet_lite0".into();
-    c.backbone.weights = shared
-        .join("weights/efficientnet-lite0-imagenet.safetensors")
-        .display()
-        .to_string();
+    c.backbone.weights = pipeline::features::WeightsSource::Local(
+        shared.join("weights/efficientnet-lite0-imagenet.safetensors"),
+    );
     c.preprocess.input_size = Some(64);
     c.extract.batch_size = 4;
     c.split.val_fraction = 0.25;
@@ -647,7 +646,8 @@ fn efficientnet_lite0_through_the_registry_extracts_trains_and_predicts() {
     // VGG16 next to it in the same store: another space, nothing recomputed for Lite0.
     let mut vgg = c.clone();
     vgg.backbone.name = "vgg16".into();
-    vgg.backbone.weights = crate::common::random_weights().display().to_string();
+    vgg.backbone.weights =
+        pipeline::features::WeightsSource::Local(crate::common::random_weights().into());
     vgg.preprocess.input_size = Some(32);
     pipeline::features::extract::run(&vgg).expect("vgg16 extract");
     let again = pipeline::features::extract::run(&c).expect("lite0 again");

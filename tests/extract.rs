@@ -9,8 +9,9 @@
 
 use candle_core::{Device, Tensor};
 use pipeline::config::{Config, ConvAlgorithm, OnBadImage};
+use pipeline::device::DeviceChoice;
 use pipeline::features::BackboneOptions;
-use pipeline::{Vgg16Features, Weights};
+use pipeline::{Vgg16Features, Weights, WeightsSource};
 
 use crate::common::{fixture, load, random_weights, shards};
 
@@ -92,12 +93,10 @@ fn extracts_a_subset_of_the_real_study_data() {
     c.data.image_column = "image_names".into();
     c.data.label_column = "emergency_or_not".into();
     c.data.limit = Some(5);
-    c.backbone.weights = shared
-        .join("weights/vgg16-oxford-imagenet-features.safetensors")
-        .display()
-        .to_string();
+    c.backbone.weights =
+        WeightsSource::Local(shared.join("weights/vgg16-oxford-imagenet-features.safetensors"));
     c.extract.batch_size = 3;
-    c.extract.device = "cpu".into();
+    c.extract.device = DeviceChoice::Cpu;
     c.extract.out = dir.join("features");
     let summary = extract(&c);
     assert_eq!((summary.images, summary.computed), (5, 5));
@@ -187,7 +186,7 @@ fn changed_image_computes_that_image_and_new_weights_or_preprocessing_a_new_spac
     let last = bytes.len() - 1;
     bytes[last] ^= 0x55;
     std::fs::write(&other, bytes).expect("write");
-    c.backbone.weights = other.display().to_string();
+    c.backbone.weights = WeightsSource::Local(other.clone());
     assert_eq!(extract(&c).computed, 4);
     // A changed label changes the dataset's row map, not its features: nothing to compute.
     let csv = dir.join("labels.csv");
@@ -199,7 +198,7 @@ fn changed_image_computes_that_image_and_new_weights_or_preprocessing_a_new_spac
     assert_eq!(features(&c).1, vec![0, 0, 1, 0]);
     // Back to the first weights and preprocessing: that space still holds everything.
     c.preprocess.mean = None;
-    c.backbone.weights = random_weights().display().to_string();
+    c.backbone.weights = WeightsSource::Local(random_weights().to_path_buf());
     assert_eq!(extract(&c).computed, 0);
     assert_eq!(features(&c).0, changed.0);
 }
@@ -376,7 +375,7 @@ fn weights_of_the_wrong_shape_are_an_error_naming_the_tensor() {
     testkit::write_vgg_weights(&path, |name, _| {
         (name == "features.7.weight").then(|| vec![128, 64, 3, 3])
     });
-    c.backbone.weights = path.display().to_string();
+    c.backbone.weights = WeightsSource::Local(path.clone());
     let err = extract_err(&c);
     assert!(
         err.contains("features.7.weight") && err.contains("[128, 64, 3, 3]"),
@@ -416,7 +415,7 @@ fn hub_weights_resolve_from_the_local_hf_cache_without_network() {
     let (_home, _hf) = crate::common::fake_hf_home("hf-home", |file| {
         std::fs::copy(random_weights(), file).expect("copy");
     });
-    let source = pipeline::WeightsSource::parse("hf:timm/vgg16.tv_in1k");
+    let source = WeightsSource::parse("hf:timm/vgg16.tv_in1k").expect("a hub source");
     let path = source.resolve().expect("found in the cache");
     assert!(
         path.ends_with("snapshots/0123abcd/model.safetensors"),
@@ -427,13 +426,13 @@ fn hub_weights_resolve_from_the_local_hf_cache_without_network() {
     assert_eq!(known.mean, Some(pipeline::data::IMAGENET_MEAN));
     assert_eq!(known.input_scale, Some(1.0));
     let (_dir, mut c) = fixture("hub", 3);
-    c.backbone.weights = "hf:timm/vgg16.tv_in1k".into();
+    c.backbone.weights = source.clone();
     let s = extract(&c);
     assert_eq!(s.images, 3);
     let m = load(&c).expect("load").row_map;
     assert_eq!(m.weights, "hf:timm/vgg16.tv_in1k");
     // A repository that is neither cached nor reachable is an error naming it.
-    let missing = pipeline::WeightsSource::parse("hf:nobody/absent-model");
+    let missing = WeightsSource::parse("hf:nobody/absent-model").expect("a hub source");
     let err = missing
         .resolve()
         .expect_err("not cached, no network")

@@ -8,7 +8,7 @@ use pipeline::config::{apply_layer, Config, DataConfig};
 use pipeline::data::fetch::http;
 use pipeline::data::fetch::hub::Hub;
 use pipeline::data::fetch::Source;
-use pipeline::Dataset;
+use pipeline::{Dataset, WeightsSource};
 use testkit::archive::{content_digest, sha256_hex as sha256, study_entries, zip_bytes, STUDY_TOP};
 use testkit::http::{Route, Server};
 
@@ -367,7 +367,7 @@ fn committed_config_with_the_shared_layer_reads_only_local_files() {
         assert!(p.exists(), "{}", p.display());
     }
     assert!(
-        Path::new(&c.backbone.weights).is_file(),
+        matches!(&c.backbone.weights, WeightsSource::Local(w) if w.is_file()),
         "{}",
         c.backbone.weights
     );
@@ -401,5 +401,5 @@ fn committed_config_fetches_the_pinned_study_archive_and_weights() {
         c.data.csv.as_deref(),
         Some(Path::new("source:Emergency_Vehicles/train.csv"))
     );
-    assert_eq!(c.backbone.weights, "hf:timm/vgg16.tv_in1k");
+    assert_eq!(c.backbone.weights.to_string(), "hf:timm/vgg16.tv_in1k");
 }

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 
 use pipeline::config::{ChannelOrder, Config, ResizeMode};
 use pipeline::data::{Partial, IMAGENET_MEAN, IMAGENET_STD};
+use pipeline::device::DeviceChoice;
 use pipeline::reporting::runs::RunStatus;
 use pipeline::training::study::{read_metrics, train_cnn, train_head, RunMetrics};
-use pipeline::Weights;
+use pipeline::{Weights, WeightsSource};
 
 use crate::common::{fixture, random_weights};
 
@@ -89,12 +90,10 @@ fn extraction_from_image_files_matches_the_reference_pool5() {
     let mut c = Config::default();
     c.data.csv = Some(dir.join("refs.csv"));
     c.data.images = Some(shared.join("reference"));
-    c.backbone.weights = shared
-        .join("weights/vgg16-oxford-imagenet-features.safetensors")
-        .display()
-        .to_string();
+    c.backbone.weights =
+        WeightsSource::Local(shared.join("weights/vgg16-oxford-imagenet-features.safetensors"));
     c.preprocess.resize = ResizeMode::CenterCrop;
-    c.extract.device = "cpu".into();
+    c.extract.device = DeviceChoice::Cpu;
     c.extract.out = dir.join("features");
     c.validate().expect("valid");
     pipeline::features::extract::run(&c).expect("extract");
@@ -133,7 +132,7 @@ fn hub_weights_bring_their_known_preprocessing_into_a_real_extraction() {
 
     let (dir, base) = fixture("table-recipe", 5);
     let mut hub = base.clone();
-    hub.backbone.weights = "hf:timm/vgg16.tv_in1k".into();
+    hub.backbone.weights = WeightsSource::parse("hf:timm/vgg16.tv_in1k").expect("a hub source");
     hub.extract.out = dir.join("hub");
     pipeline::features::extract::run(&hub).expect("hub extraction");
     let set = crate::common::load(&hub).expect("store loads");
@@ -145,7 +144,7 @@ fn hub_weights_bring_their_known_preprocessing_into_a_real_extraction() {
 
     // The same file as a local path has no recipe of its own: it must be given.
     let mut explicit = base.clone();
-    explicit.backbone.weights = cached.display().to_string();
+    explicit.backbone.weights = WeightsSource::Local(cached.clone());
     explicit.extract.out = dir.join("explicit");
     let err = pipeline::features::extract::run(&explicit)
         .expect_err("no preprocessing known")

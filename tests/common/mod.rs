@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use pipeline::config::Config;
+use pipeline::device::DeviceChoice;
+use pipeline::WeightsSource;
 
 /// Seeded random VGG16 weights, written once per test process.
 pub fn random_weights() -> &'static Path {
@@ -25,10 +27,10 @@ pub fn fixture(test: &str, n: usize) -> (PathBuf, Config) {
     c.data.images = Some(images);
     c.data.image_column = "file".into();
     c.data.label_column = "class".into();
-    c.backbone.weights = random_weights().display().to_string();
+    c.backbone.weights = WeightsSource::Local(random_weights().to_path_buf());
     c.preprocess.input_size = Some(32);
     c.extract.batch_size = 2;
-    c.extract.device = "cpu".into();
+    c.extract.device = DeviceChoice::Cpu;
     c.extract.out = dir.join("features");
     c.validate().expect("valid config");
     (dir, c)

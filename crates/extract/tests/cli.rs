@@ -31,28 +31,9 @@ fn spawn(args: &[&str]) -> Child {
         .expect("spawn extract")
 }
 
-/// A generated dataset, random weights and a pipeline.toml using them (batch 2, input
-/// `size`).
-fn setup_sized(test: &str, n: usize, size: u32, batch: usize) -> (PathBuf, PathBuf) {
-    let dir = testkit::temp_dir(test);
-    testkit::write_dataset(&dir, n);
-    testkit::write_vgg_weights(&dir.join("w.safetensors"), |_, _| None);
-    let config = dir.join("pipeline.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[data]\ncsv = \"labels.csv\"\nimages = \"images\"\nimage_column = \"file\"\n\
-             label_column = \"class\"\n[backbone]\nweights = \"w.safetensors\"\n\
-             [preprocess]\ninput_size = {size}\n[extract]\nbatch_size = {batch}\ndevice = \"cpu\"\n"
-        ),
-    )
-    .expect("config");
-    (dir, config)
-}
-
 /// 64x64 input, batch 2.
 fn setup(test: &str, n: usize) -> (PathBuf, PathBuf) {
-    setup_sized(test, n, 64, 2)
+    crate::setup_sized(test, n, 64, 2)
 }
 
 fn stderr(o: &Output) -> String {
@@ -281,7 +262,7 @@ fn foreign_folder_is_an_error_and_left_byte_for_byte_untouched() {
 
 #[test]
 fn appended_row_and_changed_image_compute_only_those_images() {
-    let (dir, config) = setup_sized("cli-incremental", 300, 32, 128);
+    let (dir, config) = crate::setup_sized("cli-incremental", 300, 32, 128);
     let c = s(&config);
     assert_eq!(computed(&ok(extract(&["-c", c]))), 300);
     // Two more distinct images from a larger generated set.
@@ -327,7 +308,7 @@ fn appended_row_and_changed_image_compute_only_those_images() {
 
 #[test]
 fn two_concurrent_extracts_one_waits_both_succeed_and_the_store_equals_a_clean_run() {
-    let (dir, config) = setup_sized("cli-concurrent", 48, 96, 2);
+    let (dir, config) = crate::setup_sized("cli-concurrent", 48, 96, 2);
     let c = s(&config);
     let reference = dir.join("reference");
     ok(extract(&["-c", c, "--set", &set_out(&reference)]));

@@ -65,20 +65,9 @@ fn extract_limited(args: &[&str]) -> Output {
     }
 }
 
-/// A generated dataset (`n` PNGs), random weights, and a pipeline.toml (64x64 input, batch 2).
+/// 64x64 input, batch 2.
 fn setup(test: &str, n: usize) -> (PathBuf, PathBuf) {
-    let dir = testkit::temp_dir(test);
-    testkit::write_dataset(&dir, n);
-    testkit::write_vgg_weights(&dir.join("w.safetensors"), |_, _| None);
-    let config = dir.join("pipeline.toml");
-    std::fs::write(
-        &config,
-        "[data]\ncsv = \"labels.csv\"\nimages = \"images\"\nimage_column = \"file\"\n\
-         label_column = \"class\"\n[backbone]\nweights = \"w.safetensors\"\n\
-         [preprocess]\ninput_size = 64\n[extract]\nbatch_size = 2\ndevice = \"cpu\"\n",
-    )
-    .expect("config");
-    (dir, config)
+    crate::setup_sized(test, n, 64, 2)
 }
 
 /// Adds a row naming `name` (label "car") to the dataset's CSV.

@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::data::fetch;
+use crate::device::DeviceChoice;
 use crate::error::{Error, IoContext, Result};
+use crate::features::weights::WeightsSource;
 
 /// The whole configuration. Every section and key has a default.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -31,6 +33,7 @@ pub struct Config {
     pub cnn: CnnConfig,
     pub output: OutputConfig,
     pub predict: PredictConfig,
+    pub evaluate: EvaluateConfig,
 }
 
 /// Where the labelled images are: a CSV plus an image folder, or one folder per class.
@@ -111,15 +114,19 @@ pub struct BackboneConfig {
     /// Architecture, a name in `features::backbone::REGISTRY`: "vgg16" or
     /// "efficientnet_lite0". Default: vgg16.
     pub name: String,
-    /// A local `.safetensors` path, or `hf:<repo>` for the Hugging Face hub.
-    pub weights: String,
+    /// A local `.safetensors` path, or `hf:<repo>` for the Hugging Face hub (one string in the
+    /// TOML, checked when the config is loaded).
+    pub weights: WeightsSource,
 }
 
 impl Default for BackboneConfig {
     fn default() -> Self {
         Self {
             name: "vgg16".into(),
-            weights: "hf:timm/vgg16.tv_in1k".into(),
+            weights: WeightsSource::Hub {
+                repo: "timm/vgg16.tv_in1k".into(),
+                file: "model.safetensors".into(),
+            },
         }
     }
 }
@@ -169,8 +176,9 @@ pub enum ResizeMode {
 pub struct ExtractConfig {
     /// Images per forward pass, and rows per cache shard. Default: 128.
     pub batch_size: usize,
-    /// "auto", "cpu" or "cuda:N". Default: auto.
-    pub device: String,
+    /// "auto", "cpu" or "cuda:N" (one string in the TOML, checked when the config is loaded).
+    /// Default: auto.
+    pub device: DeviceChoice,
     /// Cache directory. Default: "features".
     pub out: PathBuf,
     /// Data type of the cached features. Default: f32.
@@ -185,6 +193,13 @@ pub struct ExtractConfig {
     /// Seconds to wait for the store's lock when another process holds it, then fail.
     /// Default: wait as long as it takes.
     pub lock_timeout: Option<u64>,
+    /// Extract only part K of N of the dataset ("K/N", counted from 0), as one task of an array
+    /// job on a shared store. `--shard` wins over it; without either, a Slurm job array or a
+    /// Kubernetes Indexed Job sets it (see `features::parts`). Default: none (the whole dataset).
+    pub shard: Option<String>,
+    /// The number of parts of a Kubernetes Indexed Job (its `completions`), when the
+    /// `PIPELINE_SHARD_COUNT` variable does not say it. Default: none.
+    pub shard_count: Option<usize>,
 }
 
 impl ExtractConfig {
@@ -198,13 +213,15 @@ impl Default for ExtractConfig {
     fn default() -> Self {
         Self {
             batch_size: 128,
-            device: "auto".into(),
+            device: DeviceChoice::Auto,
             out: "features".into(),
             dtype: FeatureDType::F32,
             conv: ConvAlgorithm::Winograd2x2,
             compute: ComputePrecision::F32,
             conv_workspace_mb: 1024,
             lock_timeout: None,
+            shard: None,
+            shard_count: None,
         }
     }
 }
@@ -521,6 +538,52 @@ pub struct PredictConfig {
     pub run: Option<PathBuf>,
 }
 
+/// Scoring a trained head on a labelled dataset (`evaluate`): a label CSV (+ images) or a
+/// class-per-folder tree, read like `[data]`'s.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct EvaluateConfig {
+    /// A label CSV with the columns `image_column` and `label_column`. Default: none.
+    pub csv: Option<PathBuf>,
+    /// Folder the CSV's image names are relative to. Default: `[data] images`, else the CSV's
+    /// folder.
+    pub images: Option<PathBuf>,
+    /// A class-per-folder tree (`root/<class>/**/*.jpg`, sub-folders included), instead of
+    /// `csv`. Default: none.
+    pub root: Option<PathBuf>,
+    /// Column of the CSV holding image names. Default: `[data] image_column`.
+    pub image_column: Option<String>,
+    /// Column of the CSV holding labels. Default: `[data] label_column`.
+    pub label_column: Option<String>,
+    /// A head run directory. Default: the most recent finished head run under `[output] runs`.
+    pub run: Option<PathBuf>,
+    /// Folder the results are written to (`predictions.csv`, `metrics.json`,
+    /// `per_class.csv`, `confusion_matrix.csv`, `confusion_matrix.png`, `report.md`).
+    /// Default: "evaluation".
+    pub output: PathBuf,
+}
+
+impl Default for EvaluateConfig {
+    fn default() -> Self {
+        Self {
+            csv: None,
+            images: None,
+            root: None,
+            image_column: None,
+            label_column: None,
+            run: None,
+            output: "evaluation".into(),
+        }
+    }
+}
+
+impl EvaluateConfig {
+    /// Whether a dataset to score is named (`csv` or `root`).
+    pub fn has_dataset(&self) -> bool {
+        self.csv.is_some() || self.root.is_some()
+    }
+}
+
 impl Config {
     /// Reads `path`, applies the layer named by [`LAYER_VAR`] (when it overlays `path`), then
     /// `overrides` (`section.key=value`, value in TOML syntax or a bare string), validates,
@@ -562,11 +625,12 @@ impl Config {
         }
         parsed.map_err(|e| Error::Config {
             path: path.to_owned(),
-            // Name the key as the user wrote it: `head.lr`, not the lifted `head.train.lr`.
+            // Name the key as the user wrote it: `head.lr`, not the lifted `head.train.lr`;
+            // once (the TOML error's own text would add a second line "in `head.lr`").
             message: format!(
                 "key `{}`: {}",
                 e.path().to_string().replace(".train.", "."),
-                e.inner()
+                e.inner().message()
             ),
         })
     }
@@ -580,14 +644,20 @@ impl Config {
             })
         };
         let d = &self.data;
+        // `predict` and `evaluate` read their own images: a config for them alone needs no
+        // `[data]` (the run they use names the dataset it was trained on).
+        let reads_other_images = self.predict.input.is_some() || self.evaluate.has_dataset();
         match (&d.csv, &d.images, &d.root) {
             (Some(_), Some(_), None) | (None, None, Some(_)) => {}
+            (None, None, None) if reads_other_images => {}
             (Some(_), None, None) => return bad("data.images", "`data.csv` needs `data.images`"),
             (None, Some(_), None) => return bad("data.csv", "`data.images` needs `data.csv`"),
             (None, None, None) => {
                 return bad(
                     "data",
-                    "set either `csv` and `images`, or `root` (a folder per class)",
+                    "set either `csv` and `images`, or `root` (a folder per class); \
+                     or, for `predict` / `evaluate` alone, `predict.input` / `evaluate.csv` \
+                     or `evaluate.root`",
                 )
             }
             _ => {
@@ -624,7 +694,14 @@ impl Config {
         if self.extract.conv_workspace_mb == 0 {
             return bad("extract.conv_workspace_mb", "must be at least 1");
         }
-        crate::device::DeviceChoice::parse(&self.extract.device)?;
+        if let Some(shard) = &self.extract.shard {
+            if let Err(m) = crate::features::parts::Part::parse(shard) {
+                return bad("extract.shard", &m);
+            }
+        }
+        if self.extract.shard_count == Some(0) {
+            return bad("extract.shard_count", "must be at least 1");
+        }
         crate::features::backbone::spec(&self.backbone.name)?;
         let v = self.split.val_fraction;
         if v.is_nan() || v <= 0.0 || v >= 1.0 {
@@ -661,6 +738,24 @@ impl Config {
         if let Some(s) = self.preprocess.std {
             if s.contains(&0.0) {
                 return bad("preprocess.std", "must not contain 0");
+            }
+        }
+        let e = &self.evaluate;
+        if e.csv.is_some() && e.root.is_some() {
+            return bad(
+                "evaluate.root",
+                "set either `csv` (and `images`) or `root`, not both",
+            );
+        }
+        if e.images.is_some() && e.csv.is_none() {
+            return bad("evaluate.images", "`evaluate.images` needs `evaluate.csv`");
+        }
+        for (key, column) in [
+            ("evaluate.image_column", &e.image_column),
+            ("evaluate.label_column", &e.label_column),
+        ] {
+            if column.as_ref().is_some_and(|c| c.trim().is_empty()) {
+                return bad(key, "must not be empty");
             }
         }
         Ok(())
@@ -724,10 +819,8 @@ impl Config {
         {
             fix(p);
         }
-        if !self.backbone.weights.starts_with("hf:") {
-            let mut w = PathBuf::from(&self.backbone.weights);
-            fix(&mut w);
-            self.backbone.weights = w.to_string_lossy().into_owned();
+        if let WeightsSource::Local(w) = &mut self.backbone.weights {
+            fix(w);
         }
         fix(&mut self.extract.out);
         fix(&mut self.output.runs);
@@ -738,6 +831,14 @@ impl Config {
         {
             fix(p);
         }
+        let e = &mut self.evaluate;
+        for p in [&mut e.csv, &mut e.images, &mut e.root, &mut e.run]
+            .into_iter()
+            .flatten()
+        {
+            fix(p);
+        }
+        fix(&mut e.output);
     }
 }
 
@@ -778,8 +879,8 @@ fn lift_train_keys(table: &mut toml::Table) -> Result<()> {
 }
 
 impl Config {
-    /// Turns `source:PATH` values of `data.csv`, `data.images`, `data.root` and `predict.input`
-    /// into paths under the `[data] source` cache folder, and resolves `data.source` (a local
+    /// Turns `source:PATH` values of `data.csv`, `data.images`, `data.root`, `predict.input`
+    /// and `evaluate.csv` / `images` / `root` into paths under the `[data] source` cache folder, and resolves `data.source` (a local
     /// archive) and `data.cache` against `base`. Nothing is fetched here: `fetch::ensure_source`
     /// does that when the files are first read.
     fn resolve_source_paths(&mut self, base: &Path) -> Result<()> {
@@ -793,17 +894,20 @@ impl Config {
             ("output.runs", is_source(Some(&self.output.runs))),
             ("predict.output", is_source(self.predict.output.as_ref())),
             ("predict.run", is_source(self.predict.run.as_ref())),
+            ("evaluate.output", is_source(Some(&self.evaluate.output))),
+            ("evaluate.run", is_source(self.evaluate.run.as_ref())),
             ("data.cache", is_source(self.data.cache.as_ref())),
             (
                 "backbone.weights",
-                self.backbone.weights.starts_with(fetch::SOURCE_PREFIX),
+                matches!(&self.backbone.weights, WeightsSource::Local(w) if fetch::is_source_path(w)),
             ),
         ];
         if let Some((key, _)) = misplaced.iter().find(|(_, bad)| *bad) {
             return Err(invalid(
                 key,
                 "`source:` paths are for files read from the fetched data (data.csv, \
-                 data.images, data.root, predict.input)"
+                 data.images, data.root, predict.input, evaluate.csv, evaluate.images, \
+                 evaluate.root)"
                     .into(),
             ));
         }
@@ -820,10 +924,19 @@ impl Config {
                 *location = base.join(local).to_string_lossy().into_owned();
             }
         }
-        let uses_source = [&d.csv, &d.images, &d.root, &self.predict.input]
-            .into_iter()
-            .flatten()
-            .any(|p| fetch::is_source_path(p));
+        let e = &mut self.evaluate;
+        let uses_source = [
+            &d.csv,
+            &d.images,
+            &d.root,
+            &self.predict.input,
+            &e.csv,
+            &e.images,
+            &e.root,
+        ]
+        .into_iter()
+        .flatten()
+        .any(|p| fetch::is_source_path(p));
         if !uses_source {
             return Ok(());
         }
@@ -843,6 +956,9 @@ impl Config {
             &mut d.images,
             &mut d.root,
             &mut self.predict.input,
+            &mut e.csv,
+            &mut e.images,
+            &mut e.root,
         ]
         .into_iter()
         .flatten()
@@ -873,6 +989,11 @@ const PATH_KEYS: &[(&str, &str)] = &[
     ("predict", "input"),
     ("predict", "output"),
     ("predict", "run"),
+    ("evaluate", "csv"),
+    ("evaluate", "images"),
+    ("evaluate", "root"),
+    ("evaluate", "run"),
+    ("evaluate", "output"),
 ];
 
 /// Applies the layer `$PIPELINE_CONFIG_LAYER` names, if set, to the table read from `config`.
@@ -1012,7 +1133,10 @@ pub fn canonical(path: &Path) -> PathBuf {
 
 /// Applies one `section.key=value` override to the table.
 fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
-    let usage = || Error::Usage(format!("--set {item}: expected section.key=value"));
+    let usage = || Error::Usage {
+        argument: format!("--set {item}"),
+        message: "expected section.key=value".into(),
+    };
     let (key, raw) = item.split_once('=').ok_or_else(usage)?;
     let (section, name) = key.trim().split_once('.').ok_or_else(usage)?;
     if section.is_empty() || name.is_empty() || name.contains('.') {
@@ -1023,9 +1147,10 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
         .entry(section.to_string())
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     let toml::Value::Table(sect) = entry else {
-        return Err(Error::Usage(format!(
-            "--set {item}: `{section}` is not a section"
-        )));
+        return Err(Error::Usage {
+            argument: format!("--set {item}"),
+            message: format!("`{section}` is not a section"),
+        });
     };
     sect.insert(name.to_string(), value);
     Ok(())
@@ -1203,7 +1328,7 @@ mod tests {
         assert_eq!(c.extract.batch_size, 7);
         assert_eq!(c.cnn.channels, vec![8, 8, 8]);
         assert_eq!(c.data.limit, Some(5));
-        assert_eq!(c.extract.device, "cpu");
+        assert_eq!(c.extract.device, DeviceChoice::Cpu);
     }
 
     #[test]
@@ -1244,6 +1369,14 @@ mod tests {
             "data.max_file_bytes=0",
             "data.max_image_pixels=0",
             "cnn.channels=[]",
+            "extract.shard=4/4",
+            "extract.shard=\"1 of 4\"",
+            "extract.shard_count=0",
+            "backbone.weights=hf:",
+            "backbone.weights=hf:timm",
+            "backbone.weights=\"\"",
+            "evaluate.images=x",
+            "evaluate.label_column=\" \"",
         ] {
             let err = load_str(MINIMAL, &[o]).expect_err(o);
             let key = o.split('=').next().expect("key");
@@ -1252,6 +1385,100 @@ mod tests {
         assert!(load_str("", &[]).is_err(), "no dataset");
         assert!(load_str(MINIMAL, &["data.root=x"]).is_err(), "both layouts");
         assert!(load_str(MINIMAL, &["nodot=1"]).is_err());
+        // `--set extract.shard=2/4` is a bare word: a string.
+        let c = load_str(MINIMAL, &["extract.shard=2/4", "extract.shard_count=4"]).expect("valid");
+        assert_eq!(
+            (c.extract.shard.as_deref(), c.extract.shard_count),
+            (Some("2/4"), Some(4))
+        );
+    }
+
+    #[test]
+    fn device_and_weights_are_parsed_once_at_load() {
+        let c = load_str(
+            MINIMAL,
+            &[
+                "extract.device=cuda:2",
+                "backbone.weights=hf:a/b/c.safetensors",
+            ],
+        )
+        .expect("valid");
+        assert_eq!(c.extract.device, DeviceChoice::Cuda(2));
+        assert_eq!(
+            c.backbone.weights,
+            WeightsSource::Hub {
+                repo: "a/b".into(),
+                file: "c.safetensors".into()
+            }
+        );
+        // The error names the key (once, on one line) and the value, and is a config error at
+        // load time.
+        let err = load_str(MINIMAL, &["extract.device=gpu0"]).expect_err("device");
+        let text = err.to_string();
+        assert!(
+            matches!(err, Error::Config { .. })
+                && text.contains("`extract.device`")
+                && text.contains("gpu0"),
+            "{text}"
+        );
+        assert_eq!(
+            (text.matches("extract.device").count(), text.lines().count()),
+            (1, 1),
+            "{text}"
+        );
+        let err = load_str(MINIMAL, &["backbone.weights=hf:only-owner"]).expect_err("weights");
+        let text = err.to_string();
+        assert!(
+            matches!(err, Error::Config { .. })
+                && text.contains("`backbone.weights`")
+                && text.contains("hf:only-owner"),
+            "{text}"
+        );
+        // Written out (a run's config.toml), both are the strings they were.
+        let text = toml::to_string_pretty(&c).expect("serialise");
+        assert!(text.contains("device = \"cuda:2\""), "{text}");
+        assert!(
+            text.contains("weights = \"hf:a/b/c.safetensors\""),
+            "{text}"
+        );
+        let back = load_str(&text, &[]).expect("reads back");
+        assert_eq!(
+            (back.extract.device, back.backbone.weights),
+            (c.extract.device, c.backbone.weights)
+        );
+    }
+
+    #[test]
+    fn predict_or_evaluate_alone_need_no_dataset_section() {
+        let c = load_str("[predict]\ninput = \"new\"\n", &[]).expect("predict alone");
+        assert!(c.data.csv.is_none() && c.data.root.is_none());
+        load_str("[evaluate]\nroot = \"tree/val\"\n", &[]).expect("evaluate alone");
+        load_str("[evaluate]\ncsv = \"held-out.csv\"\n", &[]).expect("evaluate csv");
+        // Without anything to read, the dataset is still required.
+        let err = load_str("[evaluate]\noutput = \"x\"\n", &[]).expect_err("nothing");
+        assert!(err.to_string().contains("`data`"), "{err}");
+        let err = load_str("[evaluate]\ncsv = \"a.csv\"\nroot = \"tree\"\n", &[])
+            .expect_err("both layouts");
+        assert!(err.to_string().contains("evaluate.root"), "{err}");
+    }
+
+    #[test]
+    fn evaluate_paths_resolve_against_the_config_folder() {
+        let dir = testkit::temp_dir("config-evaluate");
+        let config = dir.join("pipeline.toml");
+        std::fs::write(
+            &config,
+            "[evaluate]\ncsv = \"held/out.csv\"\nimages = \"imgs\"\nrun = \"runs/head-x\"\n",
+        )
+        .expect("config");
+        let c = Config::load(&config, &[]).expect("valid");
+        let root = dir.canonicalize().expect("canonical");
+        assert_eq!(c.evaluate.csv, Some(root.join("held/out.csv")));
+        assert_eq!(c.evaluate.images, Some(root.join("imgs")));
+        assert_eq!(c.evaluate.run, Some(root.join("runs/head-x")));
+        assert_eq!(c.evaluate.output, root.join("evaluation"));
+        let err = Config::load(&config, &["evaluate.output=source:x".into()]).expect_err("source");
+        assert!(err.to_string().contains("evaluate.output"), "{err}");
     }
 
     /// A config file and a layer in `<dir>/configs/`; returns (config, layer).
@@ -1294,7 +1521,7 @@ mod tests {
         assert_eq!(c.data.image_column, "f");
         assert_eq!(
             c.backbone.weights,
-            dir.join("configs/w/vgg.safetensors").to_string_lossy()
+            WeightsSource::Local(dir.join("configs/w/vgg.safetensors"))
         );
         assert_eq!(c.head.train.epochs, 4);
     }

@@ -3,15 +3,22 @@
 //! `auto` never fails: it uses the first GPU when this binary was built with the `cuda` feature
 //! and one is usable, and otherwise the CPU, saying why. `cuda:N` is a promise the user asked
 //! for, so when it cannot be kept the run stops with an error that says what is missing.
+//!
+//! The config holds a [`DeviceChoice`], parsed once when the config is loaded (a bad value is a
+//! config error naming `extract.device`); in the TOML it stays the string `"cuda:1"`.
 
 use candle_core::Device;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// A parsed `[extract] device` value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A parsed `[extract] device` value; written back as its config spelling (`"auto"`, `"cpu"`,
+/// `"cuda:N"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum DeviceChoice {
     /// CUDA when built with it and a GPU is present, else the CPU.
+    #[default]
     Auto,
     Cpu,
     Cuda(usize),
@@ -26,12 +33,16 @@ pub struct Opened {
 }
 
 impl DeviceChoice {
-    /// Parses "auto", "cpu", "cuda" (= cuda:0) or "cuda:N".
+    /// Parses "auto", "cpu", "cuda" (= cuda:0) or "cuda:N"; an error names `extract.device`.
     pub fn parse(s: &str) -> Result<Self> {
-        let bad = || Error::InvalidValue {
+        Self::from_name(s).map_err(|message| Error::InvalidValue {
             key: "extract.device".into(),
-            message: format!("`{s}`: expected \"auto\", \"cpu\" or \"cuda:N\""),
-        };
+            message,
+        })
+    }
+
+    /// [`DeviceChoice::parse`] with the reason as text (the config loader adds the key).
+    fn from_name(s: &str) -> std::result::Result<Self, String> {
         match s {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
@@ -40,7 +51,7 @@ impl DeviceChoice {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Self::Cuda)
-                .ok_or_else(bad),
+                .ok_or_else(|| format!("`{s}`: expected \"auto\", \"cpu\" or \"cuda:N\"")),
         }
     }
 
@@ -87,6 +98,31 @@ impl DeviceChoice {
             eprintln!("{program}: device auto: {reason}: using the CPU");
         }
         Ok(opened.device)
+    }
+}
+
+impl TryFrom<String> for DeviceChoice {
+    type Error = String;
+
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        Self::from_name(&s)
+    }
+}
+
+impl From<DeviceChoice> for String {
+    fn from(d: DeviceChoice) -> String {
+        d.to_string()
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    /// The config spelling: `auto`, `cpu`, `cuda:N`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
     }
 }
 
@@ -172,6 +208,28 @@ mod tests {
         );
         assert!(DeviceChoice::parse("cuda:x").is_err());
         assert!(DeviceChoice::parse("gpu").is_err());
+        let err = DeviceChoice::parse("gpu").expect_err("unknown").to_string();
+        assert!(
+            err.contains("extract.device") && err.contains("gpu"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_config_spelling_round_trips() {
+        for (choice, text) in [
+            (DeviceChoice::Auto, "auto"),
+            (DeviceChoice::Cpu, "cpu"),
+            (DeviceChoice::Cuda(3), "cuda:3"),
+        ] {
+            assert_eq!(choice.to_string(), text);
+            assert_eq!(DeviceChoice::try_from(text.to_string()), Ok(choice));
+        }
+        // "cuda" is read as cuda:0 and written back in full.
+        assert_eq!(
+            String::from(DeviceChoice::try_from("cuda".to_string()).expect("cuda")),
+            "cuda:0"
+        );
     }
 
     #[test]

@@ -22,12 +22,19 @@ pub enum Error {
     /// A config value is of the right type but not acceptable.
     #[error("config key `{key}`: {message}")]
     InvalidValue { key: String, message: String },
-    /// A command-line argument could not be understood.
-    #[error("{0}")]
-    Usage(String),
+    /// A command-line argument (or a `--set` item) could not be understood.
+    #[error("{argument}: {message}")]
+    Usage { argument: String, message: String },
+    /// `extract`'s part (`--shard K/N`, `[extract] shard`, a Slurm array or a Kubernetes
+    /// Indexed Job) is malformed; `origin` names where it came from, with the values.
+    #[error("shard from {origin}: {message}")]
+    Shard { origin: String, message: String },
     /// The label CSV could not be parsed.
     #[error("{path}: {message}")]
     Csv { path: PathBuf, message: String },
+    /// A table (predictions, metrics) could not be built: `table` names it.
+    #[error("{table} table: {message}")]
+    Table { table: String, message: String },
     /// A named column is not in the CSV.
     #[error("{path}: no column `{column}` (columns: {available})")]
     MissingColumn {
@@ -41,6 +48,23 @@ pub enum Error {
         path: PathBuf,
         line: usize,
         message: String,
+    },
+    /// A dataset being scored has labels the trained run has no class for (`evaluate`).
+    #[error(
+        "{dataset}: {} the run {run} was not trained on: {}; its classes are [{}]",
+        if unknown.len() == 1 { "a label" } else { "labels" },
+        unknown.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        known.join(", ")
+    )]
+    UnknownClasses {
+        /// The CSV or the class-folder tree.
+        dataset: PathBuf,
+        /// The run directory.
+        run: PathBuf,
+        /// The run's classes.
+        known: Vec<String>,
+        /// Every unknown label with where it occurs.
+        unknown: Vec<UnknownLabel>,
     },
     /// The dataset has no usable rows.
     #[error("{0}: the dataset is empty")]
@@ -122,6 +146,46 @@ pub enum Error {
     /// The CPU fast path rejected its input.
     #[error(transparent)]
     FastConv(#[from] fastconv::Error),
+}
+
+/// A label of a scored dataset that the trained run does not know, and where it occurs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownLabel {
+    pub label: String,
+    pub at: LabelPlace,
+}
+
+/// Where a label occurs in a dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelPlace {
+    /// Lines of the label CSV (the header is line 1).
+    Lines(Vec<usize>),
+    /// A class folder.
+    Folder(PathBuf),
+}
+
+/// Lines listed in a message before the rest are only counted.
+const LINES_SHOWN: usize = 8;
+
+impl std::fmt::Display for UnknownLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.at {
+            LabelPlace::Folder(dir) => write!(f, "`{}` (folder {})", self.label, dir.display()),
+            LabelPlace::Lines(lines) => {
+                let shown: Vec<String> = lines
+                    .iter()
+                    .take(LINES_SHOWN)
+                    .map(usize::to_string)
+                    .collect();
+                let more = match lines.len().saturating_sub(LINES_SHOWN) {
+                    0 => String::new(),
+                    n => format!(" and {n} more"),
+                };
+                let word = if lines.len() == 1 { "line" } else { "lines" };
+                write!(f, "`{}` ({word} {}{more})", self.label, shown.join(", "))
+            }
+        }
+    }
 }
 
 /// The library's result type.

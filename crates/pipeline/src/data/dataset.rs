@@ -1,6 +1,6 @@
 //! Where images and labels come from: a label CSV plus an image folder (read with polars), or a
-//! folder per class. Produces the list of samples and the class names in a stable order; no
-//! pixel is decoded here.
+//! folder per class (every image under it, sub-folders included). Produces the list of samples
+//! and the class names in a stable order; no pixel is decoded here.
 //!
 //! Also the one place image files are read ([`read_image_file`]): only regular files (a FIFO
 //! named in the CSV would block a reader for ever, so it is never opened) and only up to
@@ -19,7 +19,9 @@ use crate::error::{Error, IoContext, Result};
 /// One image of the dataset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
-    /// The name the user knows it by: the CSV cell, or `class/file` for folders.
+    /// The name the user knows it by: the CSV cell, or the path below the root folder with `/`
+    /// separators (`class/file.jpg`, `class/sub/file.jpg`; for an unlabelled folder
+    /// `file.jpg`, `sub/file.jpg`).
     pub id: String,
     /// The file on disk.
     pub path: PathBuf,
@@ -97,18 +99,19 @@ impl Dataset {
         })
     }
 
-    /// Loads an unlabelled list of images: a CSV of names (resolved against `images`; only
-    /// `image_column` is read) or every image in a folder.
+    /// Loads an unlabelled list of images: a CSV of names (resolved against `images`, else the
+    /// CSV's folder; only `image_column` is read) or every image under a folder, sub-folders
+    /// included, each known by its path below the folder.
     pub fn load_unlabelled(
         input: &Path,
         images: Option<&Path>,
         image_column: &str,
     ) -> Result<Self> {
         let samples = if input.is_dir() {
-            list_images(input)?
+            list_images_under(input)?
                 .into_iter()
-                .map(|path| Sample {
-                    id: file_name(&path),
+                .map(|(id, path)| Sample {
+                    id,
                     path,
                     label: None,
                     line: 0,
@@ -387,6 +390,25 @@ fn label_key(label: &str, numeric: bool) -> LabelKey {
     }
 }
 
+/// For each of `names` (class names of a dataset), the index of the same class among `known`
+/// (a trained run's classes), or `None` when the run has no such class. Names compare as a
+/// label cell does with configured classes: as integers when every name on both sides is an
+/// integer value (`1.0` is class `1`), else as trimmed text.
+pub fn match_classes(known: &[String], names: &[String]) -> Vec<Option<usize>> {
+    let numeric = known
+        .iter()
+        .chain(names)
+        .all(|s| integer_label(s).is_some());
+    let keys: Vec<LabelKey> = known.iter().map(|k| label_key(k, numeric)).collect();
+    names
+        .iter()
+        .map(|n| {
+            let key = label_key(n, numeric);
+            keys.iter().position(|k| *k == key)
+        })
+        .collect()
+}
+
 /// The configured classes, or the labels seen, sorted numerically when they are all integers
 /// and as text otherwise, so the order does not depend on row order.
 pub fn class_order<'a>(
@@ -438,9 +460,9 @@ fn from_folders(root: &Path, cfg: &DataConfig) -> Result<Dataset> {
                     classes.join(", ")
                 ),
             })?;
-        for path in list_images(dir)? {
+        for (below, path) in list_images_under(dir)? {
             samples.push(Sample {
-                id: format!("{name}/{}", file_name(&path)),
+                id: format!("{name}/{below}"),
                 path,
                 label: Some(label),
                 line: 0,
@@ -458,20 +480,48 @@ fn from_folders(root: &Path, cfg: &DataConfig) -> Result<Dataset> {
     })
 }
 
-/// The image files (jpg, jpeg, png) of a folder, sorted by name.
-fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .at(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                    matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")
-                })
-        })
-        .collect();
-    files.sort();
-    Ok(files)
+/// Whether a file name is one of an image (jpg, jpeg, png; any case).
+fn is_image_name(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+}
+
+/// Every image file (jpg, jpeg, png) under `dir`, sub-folders included, as (path below `dir`
+/// with `/` separators, file), sorted by that path so the order does not depend on the file
+/// system. Hidden entries (`.name`) are left out, as are folders already visited through a
+/// symbolic link (a link cycle would otherwise never end).
+fn list_images_under(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut found = Vec::new();
+    let mut visited = std::collections::HashSet::new();
+    walk_images(dir, "", &mut visited, &mut found)?;
+    found.sort();
+    Ok(found)
+}
+
+fn walk_images(
+    dir: &Path,
+    prefix: &str,
+    visited: &mut std::collections::HashSet<PathBuf>,
+    found: &mut Vec<(String, PathBuf)>,
+) -> Result<()> {
+    if !visited.insert(dir.canonicalize().at(dir)?) {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir).at(dir)? {
+        let path = entry.at(dir)?.path();
+        let name = file_name(&path);
+        if name.starts_with('.') {
+            continue;
+        }
+        let below = format!("{prefix}{name}");
+        if path.is_dir() {
+            walk_images(&path, &format!("{below}/"), visited, found)?;
+        } else if path.is_file() && is_image_name(&path) {
+            found.push((below, path));
+        }
+    }
+    Ok(())
 }
 
 fn file_name(p: &Path) -> String {
@@ -720,6 +770,87 @@ mod tests {
         assert!(
             err.contains("folder") && err.contains("label file"),
             "{err}"
+        );
+    }
+
+    /// `root/<rel>` files of a few bytes (names only matter here).
+    fn tree(test: &str, files: &[&str]) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("pipeline-ds-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for f in files {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&p, b"x").expect("write");
+        }
+        root
+    }
+
+    #[test]
+    fn folders_are_read_recursively_with_ids_below_the_root() {
+        let root = tree(
+            "nested",
+            &[
+                "b.png",
+                "sub/deeper/c.JPG",
+                "sub/a.jpeg",
+                "sub/notes.txt",
+                ".hidden/x.png",
+                "sub/.y.png",
+            ],
+        );
+        let ds = Dataset::load_unlabelled(&root, None, "image").expect("folder");
+        let ids: Vec<&str> = ds.samples.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["b.png", "sub/a.jpeg", "sub/deeper/c.JPG"]);
+        assert_eq!(ds.samples[2].path, root.join("sub/deeper/c.JPG"));
+        // A link back up the tree is followed once, not for ever.
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(&root, root.join("sub/loop")).expect("symlink");
+            let ds = Dataset::load_unlabelled(&root, None, "image").expect("with a cycle");
+            assert_eq!(ds.samples.len(), 3);
+        }
+        // Class folders: every image below each class, the class from the top folder.
+        let root = tree(
+            "nested-classes",
+            &["car/x.png", "car/2019/y.png", "van/z/w.png", "van/v.png"],
+        );
+        let cfg = DataConfig {
+            root: Some(root.clone()),
+            ..DataConfig::default()
+        };
+        let ds = Dataset::load(&cfg).expect("classes");
+        let got: Vec<(&str, Option<usize>)> = ds
+            .samples
+            .iter()
+            .map(|s| (s.id.as_str(), s.label))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("car/2019/y.png", Some(0)),
+                ("car/x.png", Some(0)),
+                ("van/v.png", Some(1)),
+                ("van/z/w.png", Some(1)),
+            ]
+        );
+    }
+
+    #[test]
+    fn classes_match_a_runs_by_value_or_text() {
+        let known: Vec<String> = vec!["0".into(), "1".into()];
+        let names: Vec<String> = vec!["1.0".into(), "01".into(), "0".into(), "7".into()];
+        assert_eq!(
+            match_classes(&known, &names),
+            [Some(1), Some(1), Some(0), None]
+        );
+        let known: Vec<String> = vec!["ambulance".into(), "car".into()];
+        let names: Vec<String> = vec![" car".into(), "Car".into(), "truck".into()];
+        assert_eq!(match_classes(&known, &names), [Some(1), None, None]);
+        // One text name on either side makes every comparison textual.
+        let known: Vec<String> = vec!["1".into(), "x".into()];
+        assert_eq!(
+            match_classes(&known, &["1.0".to_string(), "1".to_string()]),
+            [None, Some(0)]
         );
     }
 

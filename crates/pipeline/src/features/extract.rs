@@ -5,8 +5,9 @@
 //! batches of `batch_size`; the hashes of a batch that the store lacks are computed together
 //! and written as one shard. Appending rows or changing an image therefore computes only
 //! those images, duplicates are computed once, removed rows cost nothing, and a rerun after a
-//! kill computes only what is missing. [`assigned`] is where a `--shard K/N` task would pick
-//! its batches.
+//! kill computes only what is missing. With `--shard K/N` ([`run_with`], [`parts`]) a task
+//! computes only the batches [`assigned`] to it, under the store's shared lock, and the last
+//! part to finish writes the dataset's row map.
 //!
 //! The host pipeline keeps the network busy: a decoder thread decodes and resizes the next
 //! batches (rayon across all cores, at most two batches ahead), the network runs on the
@@ -24,14 +25,15 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{Config, DataConfig, OnBadImage, Unfreeze};
 use crate::data::dataset::{content_hashes_within, Dataset, InputLimits, Sample};
 use crate::data::preprocess::{Partial, Preprocessing};
-use crate::device::{describe, DeviceChoice};
+use crate::device::describe;
 use crate::error::{Error, Result};
 use crate::features::backbone::{load_layer, spec, Backbone, BackboneOptions};
+use crate::features::parts::{self, Assignment, Part, PartRecord, PartsFound, Skipped};
 use crate::features::store::rowmap::{self, describe_changes, view_id, KIND_DATASET};
 use crate::features::store::{
     CacheKey, FeatureSet, Folder, Index, Layer, Row, RowMap, Store, FORMAT_VERSION,
 };
-use crate::features::weights::{Weights, WeightsSource};
+use crate::features::weights::Weights;
 use crate::progress::Progress;
 
 /// Everything resolved before any pixel goes through the network.
@@ -60,12 +62,12 @@ impl Plan {
     /// before any work is done.
     pub fn new(config: &Config) -> Result<Self> {
         let dataset = Dataset::load(&config.data)?;
-        let source = WeightsSource::parse(&config.backbone.weights);
+        let source = &config.backbone.weights;
         let weights = Weights::open(source.resolve()?)?;
         let preprocessing = Partial::from_config(&config.preprocess)
             .or(Partial::from_metadata(&weights.metadata, &weights.path)?)
             .or(source.known_preprocessing())
-            .complete(config.preprocess.resize, &config.backbone.weights)?;
+            .complete(config.preprocess.resize, &source.to_string())?;
         let (hashes, unreadable) =
             hash_rows(&dataset.samples, &dataset.limits, config.data.on_bad_image)?;
         let key = space_key(config, &weights, &preprocessing)?;
@@ -99,6 +101,17 @@ impl Plan {
 
     /// The row map of this plan, with skip reasons per content hash.
     fn row_map(&self, config: &Config, bad: &HashMap<String, String>, complete: bool) -> RowMap {
+        self.row_map_batched(config, config.extract.batch_size, bad, complete)
+    }
+
+    /// [`Self::row_map`] for a partition into batches of `batch_size`.
+    fn row_map_batched(
+        &self,
+        config: &Config,
+        batch_size: usize,
+        bad: &HashMap<String, String>,
+        complete: bool,
+    ) -> RowMap {
         let rows: Vec<Row> = self
             .rows
             .iter()
@@ -115,9 +128,9 @@ impl Plan {
             kind: KIND_DATASET.into(),
             source: self.source.clone(),
             space: self.key.id(),
-            weights: config.backbone.weights.clone(),
+            weights: config.backbone.weights.to_string(),
             classes: self.dataset.classes.clone(),
-            batch_size: config.extract.batch_size,
+            batch_size,
             fingerprint: self.fingerprint.clone(),
             complete,
             counts: rowmap::count(&rows),
@@ -255,7 +268,7 @@ impl Work {
 }
 
 /// Whether batch `batch` is this task's work: every batch for an unsharded run; with
-/// `Some((k, n))` (task k of n, the coming `--shard K/N`), batch b belongs to task b mod n.
+/// `Some((k, n))` (task k of n, `--shard K/N`), batch b belongs to task b mod n.
 pub fn assigned(batch: usize, shard: Option<(usize, usize)>) -> bool {
     match shard {
         None => true,
@@ -281,14 +294,39 @@ pub struct Summary {
     pub seconds: f64,
     pub device: String,
     pub dir: PathBuf,
+    /// For a part (`--shard K/N`): which, and its batches; `rows`, `unique`, `images` and
+    /// `skipped` then count the part's images only.
+    pub part: Option<PartSummary>,
+}
+
+/// What a part (`--shard K/N`) did besides computing.
+#[derive(Debug, Clone)]
+pub struct PartSummary {
+    pub part: Part,
+    /// Batches of this part, and of the whole dataset.
+    pub batches: usize,
+    pub all_batches: usize,
+    /// Whether the dataset's row map (the union of all parts) is written now.
+    pub union: bool,
+    /// What was found about the other parts ("parts 0, 1 of 4 have not finished", ...).
+    pub note: String,
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let rate = self.computed as f64 / self.seconds.max(1e-9);
+        if let Some(p) = &self.part {
+            write!(
+                f,
+                "extract (shard {}, {} of {} batches): ",
+                p.part, p.batches, p.all_batches
+            )?;
+        } else {
+            write!(f, "extract: ")?;
+        }
         write!(
             f,
-            "extract: {} computed now, {} reused (of {} rows, {} unique images); {} images stored, \
+            "{} computed now, {} reused (of {} rows, {} unique images); {} images stored, \
              {:.1} s, {:.2} images/s, device {}, store {}",
             self.computed,
             self.reused,
@@ -307,16 +345,30 @@ impl std::fmt::Display for Summary {
                 self.skipped
             )?;
         }
+        if let Some(p) = &self.part {
+            write!(f, "; {}", p.note)?;
+        }
         Ok(())
     }
 }
 
-/// Runs extraction as configured: computes what the store lacks, reuses the rest.
+/// Runs extraction as configured: computes what the store lacks, reuses the rest. The part
+/// `[extract] shard` or the scheduler's environment names, if any (see [`run_with`]).
 pub fn run(config: &Config) -> Result<Summary> {
-    run_part(config, None)
+    run_with(config, None)
 }
 
-/// `extract --gc`: deletes the store's unreferenced shards; returns the report.
+/// `extract [--shard K/N]`: the part `shard` (the flag), `[extract] shard`, a Slurm array or
+/// a Kubernetes Indexed Job names, in that order ([`parts::resolve`]); without any of them,
+/// the whole dataset.
+pub fn run_with(config: &Config, shard: Option<&str>) -> Result<Summary> {
+    let assignment = parts::resolve_from_process(shard, &config.extract)?;
+    run_part(config, assignment.as_ref())
+}
+
+/// `extract --gc`: deletes the store's unreferenced shards; returns the report. A sharded
+/// extraction whose parts do not yet add up to a row map stops it before anything is deleted
+/// (its shards are referenced by no row map yet); records of finished ones are deleted.
 pub fn gc(config: &Config) -> Result<crate::features::store::GcReport> {
     let out = &config.extract.out;
     let problem = match crate::features::store::inspect(out)? {
@@ -334,23 +386,87 @@ pub fn gc(config: &Config) -> Result<crate::features::store::GcReport> {
         });
     }
     let store = Store::open_exclusive(out, config.extract.lock_wait(), "extract")?;
+    settle_parts(&store)?;
     store.gc("extract")
 }
 
-/// Extraction of the batches [`assigned`] to `part` (`None`: all of them).
+/// Before gc: deletes the part records whose row map is written (same dataset version,
+/// complete); any other record is a sharded extraction in progress, whose shards no row map
+/// references yet, so gc must not run.
+fn settle_parts(store: &Store) -> Result<()> {
+    let root = store.dir().join(parts::PARTS);
+    let mut unfinished = Vec::new();
+    for view in crate::features::store::list_names(&root)? {
+        if !crate::features::store::is_hex(&view, 16) {
+            continue;
+        }
+        let map = store.read_row_map(&view)?.filter(|m| m.complete);
+        if let Some(m) = &map {
+            parts::remove_superseded(store, &view, &m.fingerprint)?;
+        }
+        let left = parts::read_records(store.dir(), &view, "extract")?;
+        if let Some(r) = left.first() {
+            let progress = PartsFound::of(left.clone(), &r.space, &r.fingerprint);
+            let state = progress.describe_missing().unwrap_or_else(|| {
+                "every part finished, but the dataset's row map is not written yet".into()
+            });
+            unfinished.push(format!("{} ({state})", root.join(&view).display()));
+        }
+    }
+    if unfinished.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Cache {
+        path: store.dir().to_owned(),
+        message: format!(
+            "a sharded extraction is unfinished, and gc would delete its shards: {}. Finish it \
+             (the missing `extract --shard K/N` tasks, or `extract` without a shard, or \
+             `train-head`, with its config) or delete that folder; nothing was deleted",
+            unfinished.join("; ")
+        ),
+    })
+}
+
+/// Extraction of the batches [`assigned`] to `assignment`'s part (`None`: all of them).
 ///
-/// The seam for `--shard K/N`: such a task would take the shared lock (its shard writes are
-/// content-addressed renames), skip temporary clean-up and invalid-shard removal, and write
-/// the row map only as a record of its part; everything else here is per batch already.
-fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
+/// A part (`--shard K/N`) takes the shared lock (its shard writes are content-addressed
+/// renames, so other parts, and reruns of the same part, write alongside it), leaves
+/// temporaries and invalid shards alone (another task may be writing them), and records itself
+/// in `parts/<view>/part-K-of-N.json` instead of writing the row map; when it finds every part
+/// of its partition recorded, it writes the row map of the whole dataset, as an unsharded run
+/// would.
+fn run_part(config: &Config, assignment: Option<&Assignment>) -> Result<Summary> {
     let start = Instant::now();
+    let part = assignment.map(|a| a.part);
     let plan = Plan::new(config)?;
-    let store = Store::open_exclusive(&config.extract.out, config.extract.lock_wait(), "extract")?;
+    let out = &config.extract.out;
+    let store = match part {
+        None => Store::open_exclusive(out, config.extract.lock_wait(), "extract")?,
+        Some(_) => Store::open_shared_writable(out, config.extract.lock_wait(), "extract")?,
+    };
     store.ensure_space(&plan.key)?;
     let mut index = store.index(&plan.key, "extract")?;
     let work = Work::new(&plan.hashes, config.extract.batch_size);
-    let mine: Vec<(usize, &[(String, usize)])> =
-        work.batches().filter(|(b, _)| assigned(*b, part)).collect();
+    let mine: Vec<(usize, &[(String, usize)])> = work
+        .batches()
+        .filter(|(b, _)| assigned(*b, part.map(Part::pair)))
+        .collect();
+    let all_batches = work.batches().count();
+    if let Some(a) = assignment {
+        let shown: Vec<usize> = mine.iter().map(|(b, _)| *b).collect();
+        eprintln!(
+            "extract: shard {} (from {}): batch{} {} of {all_batches} (batches of {} unique images)",
+            a.part,
+            a.origin,
+            if shown.len() == 1 { "" } else { "es" },
+            if shown.is_empty() {
+                "none".to_string()
+            } else {
+                parts::list(&shown, 8)
+            },
+            work.batch_size
+        );
+    }
 
     // Reused shards are read in full once (checksums), so a corrupt one is recomputed now
     // rather than found by train-head.
@@ -362,12 +478,19 @@ fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
     let reused: Vec<usize> = reused.into_iter().collect();
     let corrupt = index.verify(&reused);
     for (s, reason) in &corrupt {
-        eprintln!("extract: removing corrupt shard: {reason}");
+        if store.exclusive() {
+            eprintln!("extract: removing corrupt shard: {reason}");
+        } else {
+            // Its recomputed replacement has the same name and replaces it.
+            eprintln!("extract: recomputing corrupt shard: {reason}");
+        }
         store.remove_shard(&index.shards()[*s].0)?;
     }
     index.remove(&corrupt.iter().map(|c| c.0).collect::<Vec<_>>());
 
-    // Undecodable images a previous run of this view recorded are not decoded again.
+    // Undecodable images a previous run of this view recorded (in its row map, or in a part
+    // record) are not decoded again.
+    let records = parts::read_records(store.dir(), &plan.view, "extract")?;
     let mut bad: HashMap<String, String> = HashMap::new();
     if config.data.on_bad_image == OnBadImage::Skip {
         if let Ok(Some(previous)) = store.read_row_map(&plan.view) {
@@ -378,6 +501,11 @@ fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
                     .map(|(h, r)| (h.to_string(), r.to_string())),
             );
         }
+        bad.extend(
+            parts::skipped_of(&records)
+                .into_iter()
+                .map(|s| (s.hash.clone(), s.reason.clone())),
+        );
     }
     let jobs: Vec<Job> = mine
         .iter()
@@ -404,13 +532,22 @@ fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
     let backbone = if jobs.is_empty() {
         None
     } else {
-        let device = DeviceChoice::parse(&config.extract.device)?.open_logged("extract")?;
+        let device = config.extract.device.open_logged("extract")?;
         let model = load_backbone(&plan.weights, &device, config)?;
         Some((device, model))
     };
-    // The row map first says "incomplete", so that readers never take a half-done
-    // extraction for a finished one.
-    store.write_row_map(&plan.view, &plan.row_map(config, &bad, false))?;
+    if part.is_none() {
+        let progress = PartsFound::of(records, &plan.key.id(), &plan.fingerprint);
+        if let (Some(missing), false) = (progress.describe_missing(), jobs.is_empty()) {
+            eprintln!(
+                "extract: a sharded extraction of this dataset is unfinished ({missing}): \
+                 computing what it lacks here"
+            );
+        }
+        // The row map first says "incomplete", so that readers never take a half-done
+        // extraction for a finished one. (A part writes no row map until all parts are in.)
+        store.write_row_map(&plan.view, &plan.row_map(config, &bad, false))?;
+    }
     let (device_name, computed) = if let Some((device, model)) = backbone {
         let device_name = describe(&device);
         eprintln!(
@@ -439,45 +576,196 @@ fn run_part(config: &Config, part: Option<(usize, usize)>) -> Result<Summary> {
         (device_name, outcome.computed)
     } else {
         eprintln!(
-            "extract: store {} is up to date: all {} images of this dataset are stored ({} reused): nothing to compute",
+            "extract: store {} is up to date: all {} images of this {} are stored ({} reused): nothing to compute",
             store.dir().display(),
             mine_unique,
+            if part.is_some() { "part" } else { "dataset" },
             reused
         );
         ("none".to_string(), 0)
     };
-    let map = plan.row_map(config, &bad, true);
-    // Every row must now be stored or skipped: checked, not assumed.
-    let lacking = map
-        .rows
-        .iter()
-        .filter(|r| r.skipped.is_none() && !r.hash.as_ref().is_some_and(|h| index.contains(h)))
-        .count();
-    if part.is_none() && lacking > 0 {
-        return Err(Error::Cache {
-            path: store.dir().to_owned(),
-            message: format!("{lacking} rows have no features after extraction"),
-        });
-    }
-    if map.counts.stored == 0 {
-        return Err(Error::EmptyDataset(plan.dataset.source.clone()));
-    }
-    store.write_row_map(&plan.view, &map)?;
-    Ok(Summary {
-        rows: map.counts.rows,
-        unique: map.counts.unique,
-        images: map.counts.stored,
+    let summary = |rows, unique, images, skipped, part| Summary {
+        rows,
+        unique,
+        images,
         computed,
         reused,
-        skipped: map.counts.skipped,
+        skipped,
         seconds: start.elapsed().as_secs_f64(),
-        device: device_name,
+        device: device_name.clone(),
         dir: store.dir().to_owned(),
-    })
+        part,
+    };
+    let Some(part) = part else {
+        let map = plan.row_map(config, &bad, true);
+        // Every row must now be stored or skipped: checked, not assumed.
+        let lacking = lacking_rows(&map, &index);
+        if lacking > 0 {
+            return Err(Error::Cache {
+                path: store.dir().to_owned(),
+                message: format!("{lacking} rows have no features after extraction"),
+            });
+        }
+        if map.counts.stored == 0 {
+            return Err(Error::EmptyDataset(plan.dataset.source.clone()));
+        }
+        store.write_row_map(&plan.view, &map)?;
+        // The records of a sharded extraction of this dataset add up to this row map now.
+        parts::remove_superseded(&store, &plan.view, &plan.fingerprint)?;
+        return Ok(summary(
+            map.counts.rows,
+            map.counts.unique,
+            map.counts.stored,
+            map.counts.skipped,
+            None,
+        ));
+    };
+
+    // The part's own images: each stored or skipped, checked before it is recorded as done.
+    let items = || mine.iter().flat_map(|(_, items)| items.iter());
+    let lacking = items()
+        .filter(|(h, _)| !index.contains(h) && !bad.contains_key(h))
+        .count();
+    if lacking > 0 {
+        return Err(Error::Cache {
+            path: store.dir().to_owned(),
+            message: format!("{lacking} images of shard {part} have no features after extraction"),
+        });
+    }
+    let mut skipped: Vec<Skipped> = items()
+        .filter_map(|(h, _)| {
+            bad.get(h).map(|reason| Skipped {
+                hash: h.clone(),
+                reason: reason.clone(),
+            })
+        })
+        .collect();
+    skipped.sort();
+    // The part's dataset rows: those whose image is in its batches.
+    let my_hashes: HashSet<&str> = items().map(|(h, _)| h.as_str()).collect();
+    let part_rows: Vec<&Row> = plan
+        .rows
+        .iter()
+        .filter(|r| r.hash.as_deref().is_some_and(|h| my_hashes.contains(h)))
+        .collect();
+    let rows_skipped = part_rows
+        .iter()
+        .filter(|r| r.hash.as_ref().is_some_and(|h| bad.contains_key(h)))
+        .count();
+    let record = PartRecord {
+        format: FORMAT_VERSION,
+        kind: parts::RECORD_KIND.into(),
+        view: plan.view.clone(),
+        space: plan.key.id(),
+        fingerprint: plan.fingerprint.clone(),
+        batch_size: work.batch_size,
+        part: part.index,
+        parts: part.count,
+        batches: mine.len(),
+        images: mine_unique,
+        skipped: skipped.clone(),
+        written_by: written_by(),
+    };
+    parts::write_record(&store, &record)?;
+    let (union, note) = establish_union(&store, config, &plan, part, work.batch_size)?;
+    Ok(summary(
+        part_rows.len(),
+        mine_unique,
+        part_rows.len() - rows_skipped,
+        rows_skipped,
+        Some(PartSummary {
+            part,
+            batches: mine.len(),
+            all_batches,
+            union,
+            note,
+        }),
+    ))
+}
+
+/// Rows of `map` neither skipped nor stored.
+fn lacking_rows(map: &RowMap, index: &Index) -> usize {
+    map.rows
+        .iter()
+        .filter(|r| r.skipped.is_none() && !r.hash.as_ref().is_some_and(|h| index.contains(h)))
+        .count()
+}
+
+/// After a part has recorded itself: when every part of its partition is recorded and every
+/// image of the dataset is stored, writes the dataset's row map (the union: byte for byte what
+/// an unsharded run writes). Returns whether the row map is written, and what was found.
+fn establish_union(
+    store: &Store,
+    config: &Config,
+    plan: &Plan,
+    part: Part,
+    batch_size: usize,
+) -> Result<(bool, String)> {
+    let records = parts::read_records(store.dir(), &plan.view, "extract")?;
+    let progress = PartsFound::of(records, &plan.key.id(), &plan.fingerprint);
+    let Some(all) = progress.complete_of(part.count, batch_size) else {
+        let missing = (0..part.count)
+            .filter(|k| {
+                !progress
+                    .partitions
+                    .get(&(part.count, batch_size))
+                    .is_some_and(|p| p.contains_key(k))
+            })
+            .collect::<Vec<_>>();
+        return Ok((
+            false,
+            format!(
+                "waiting for part{} {} of {}: the last part to finish writes the dataset's row map",
+                if missing.len() == 1 { "" } else { "s" },
+                parts::list(&missing, 12),
+                part.count
+            ),
+        ));
+    };
+    let bad = bad_of(&all);
+    let map = plan.row_map_batched(config, batch_size, &bad, true);
+    // The other parts' shards: a fresh look at the space.
+    let index = store.index(&plan.key, "extract")?;
+    let lacking = lacking_rows(&map, &index);
+    if lacking > 0 {
+        return Ok((
+            false,
+            format!(
+                "all {} parts are recorded, but {lacking} rows have no features in the store \
+                 (deleted or corrupt shards?): run `extract` without a shard to finish",
+                part.count
+            ),
+        ));
+    }
+    let path = store.row_map_path(&plan.view);
+    let same = store.read_row_map(&plan.view).ok().flatten().as_ref() == Some(&map);
+    if !same {
+        store.write_row_map(&plan.view, &map)?;
+    }
+    Ok((
+        true,
+        format!(
+            "all {} parts are in: the dataset's row map {} is written",
+            part.count,
+            path.display()
+        ),
+    ))
+}
+
+/// Skip reasons by content hash, from part records.
+fn bad_of(records: &[&PartRecord]) -> HashMap<String, String> {
+    parts::skipped_of(records.iter().copied())
+        .into_iter()
+        .map(|s| (s.hash.clone(), s.reason.clone()))
+        .collect()
 }
 
 /// The features of the dataset `plan` describes, from the store `[extract] out`, in dataset
 /// row order; an error says exactly what is missing or different and to run `extract`.
+///
+/// Without the dataset's row map (or with one of an older version of it), the records of a
+/// sharded extraction are looked at: when every part of one partition is in, their union is
+/// the row map, and it is written for later readers; when some are not, the error names them.
 pub fn load_features(config: &Config, plan: &Plan) -> Result<FeatureSet> {
     let dir = &config.extract.out;
     let cache_err = |message: String| Error::Cache {
@@ -488,31 +776,39 @@ pub fn load_features(config: &Config, plan: &Plan) -> Result<FeatureSet> {
         Store::open_shared(dir, config.extract.lock_wait(), "train-head")?.ok_or_else(|| {
             cache_err("no feature store here: run `cargo run -p extract` first".into())
         })?;
-    let Some(map) = store.read_row_map(&plan.view)? else {
-        // The same dataset in another space: say which inputs differ.
-        let spaces: HashMap<String, CacheKey> = store.spaces()?.into_iter().collect();
-        let other = store
-            .row_maps()?
-            .into_iter()
-            .filter(|(_, m)| m.kind == KIND_DATASET && m.source == plan.source)
-            .find_map(|(_, m)| spaces.get(&m.space).cloned());
-        return Err(cache_err(match other {
-            Some(k) => format!(
-                "made from other inputs than the config names ({} differ): run `cargo run -p extract` to extract this dataset with them",
-                k.differences(&plan.key).join(", ")
-            ),
-            None => format!(
-                "holds no features of this dataset ({}): run `cargo run -p extract` first",
-                plan.source
-            ),
-        }));
+    let progress = PartsFound::of(
+        parts::read_records(store.dir(), &plan.view, "train-head")?,
+        &plan.key.id(),
+        &plan.fingerprint,
+    );
+    let found = store.read_row_map(&plan.view)?;
+    let mut from_parts = None;
+    let map = match found {
+        Some(map) if map.fingerprint == plan.fingerprint => map,
+        found => {
+            if let Some(records) = progress.complete() {
+                let batch_size = records
+                    .first()
+                    .map_or(config.extract.batch_size, |r| r.batch_size);
+                from_parts = Some(records.len());
+                plan.row_map_batched(config, batch_size, &bad_of(&records), true)
+            } else if let Some(missing) = progress.describe_missing() {
+                return Err(cache_err(format!(
+                    "a sharded extraction of this dataset is unfinished: {missing} (records in {}): \
+                     run the missing `extract --shard K/N` tasks, or `cargo run -p extract` \
+                     without a shard to finish it",
+                    parts::records_dir(store.dir(), &plan.view).display()
+                )));
+            } else if let Some(map) = found {
+                return Err(cache_err(format!(
+                    "made from other inputs than the config names (the dataset changed since extraction: {}): run `cargo run -p extract` to update it",
+                    describe_changes(&map.classes, &map.rows, &plan.dataset.classes, &plan.rows)
+                )));
+            } else {
+                return Err(no_row_map(&store, plan, cache_err)?);
+            }
+        }
     };
-    if map.fingerprint != plan.fingerprint {
-        return Err(cache_err(format!(
-            "made from other inputs than the config names (the dataset changed since extraction: {}): run `cargo run -p extract` to update it",
-            describe_changes(&map.classes, &map.rows, &plan.dataset.classes, &plan.rows)
-        )));
-    }
     let index = store.index(&plan.key, "train-head")?;
     let work = Work::new(&plan.hashes, map.batch_size);
     let mut missing_batches = BTreeSet::new();
@@ -525,21 +821,27 @@ pub fn load_features(config: &Config, plan: &Plan) -> Result<FeatureSet> {
         }
     }
     if missing > 0 {
-        let listed: Vec<String> = missing_batches
-            .iter()
-            .take(10)
-            .map(|b| b.to_string())
-            .collect();
-        let more = missing_batches.len().saturating_sub(10);
+        let listed: Vec<usize> = missing_batches.iter().copied().collect();
+        let unfinished = progress
+            .describe_missing()
+            .map(|m| format!(" (a sharded extraction of it is unfinished: {m})"))
+            .unwrap_or_default();
         return Err(cache_err(format!(
-            "{}{missing} of {} images of this dataset are not in the store (batch{} {}{} of {} images): run `cargo run -p extract` to finish it",
+            "{}{missing} of {} images of this dataset are not in the store (batch{} {} of {} images){unfinished}: run `cargo run -p extract` to finish it",
             if map.complete { "" } else { "incomplete (extraction was interrupted): " },
             work.unique.len(),
             if missing_batches.len() == 1 { "" } else { "es" },
-            listed.join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() },
+            parts::list(&listed, 10),
             work.batch_size
         )));
+    }
+    if let Some(n) = from_parts {
+        // Whoever finds every part in establishes the union, for later readers and gc.
+        store.write_row_map(&plan.view, &map)?;
+        eprintln!(
+            "train-head: all {n} parts of the sharded extraction are in: wrote the dataset's row map {}",
+            store.row_map_path(&plan.view).display()
+        );
     }
     let kept: Vec<usize> = (0..map.rows.len())
         .filter(|&r| map.rows[r].skipped.is_none())
@@ -568,6 +870,27 @@ pub fn load_features(config: &Config, plan: &Plan) -> Result<FeatureSet> {
         key: plan.key.clone(),
         row_map: map,
     })
+}
+
+/// The error for a store without this dataset's row map: the same dataset in another space
+/// (saying which inputs differ), or not there at all.
+fn no_row_map(store: &Store, plan: &Plan, cache_err: impl Fn(String) -> Error) -> Result<Error> {
+    let spaces: HashMap<String, CacheKey> = store.spaces()?.into_iter().collect();
+    let other = store
+        .row_maps()?
+        .into_iter()
+        .filter(|(_, m)| m.kind == KIND_DATASET && m.source == plan.source)
+        .find_map(|(_, m)| spaces.get(&m.space).cloned());
+    Ok(cache_err(match other {
+        Some(k) => format!(
+            "made from other inputs than the config names ({} differ): run `cargo run -p extract` to extract this dataset with them",
+            k.differences(&plan.key).join(", ")
+        ),
+        None => format!(
+            "holds no features of this dataset ({}): run `cargo run -p extract` first",
+            plan.source
+        ),
+    }))
 }
 
 /// The backbone as `[extract]` configures it, on `device`.

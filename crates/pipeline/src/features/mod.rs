@@ -6,6 +6,7 @@ pub(crate) mod backbone;
 pub mod efficientnet;
 pub mod extract;
 pub mod nhwc;
+pub mod parts;
 pub mod store;
 pub(crate) mod weights;
 

@@ -9,14 +9,18 @@ use std::path::PathBuf;
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::data::dataset::hex;
 use crate::data::preprocess::Partial;
 use crate::error::{Error, IoContext, Result};
 
-/// Where weights come from, parsed from `[backbone] weights`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where weights come from: `[backbone] weights`, parsed once when the config is loaded (a bad
+/// value is a config error naming the key). In the TOML it stays one string, and it is written
+/// back as one ([`std::fmt::Display`]): the path, or `hf:<owner>/<repo>[/<file>]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum WeightsSource {
     Local(PathBuf),
     /// A hub model repository and the file in it (default `model.safetensors`).
@@ -26,22 +30,47 @@ pub enum WeightsSource {
     },
 }
 
+/// The hub file `hf:<owner>/<repo>` names when it names none.
+const DEFAULT_HUB_FILE: &str = "model.safetensors";
+
 impl WeightsSource {
-    /// `hf:owner/repo`, `hf:owner/repo/file.safetensors`, or a local path.
-    pub fn parse(s: &str) -> Self {
-        match s.strip_prefix("hf:") {
-            Some(rest) => {
-                let mut parts = rest.splitn(3, '/');
-                let owner = parts.next().unwrap_or_default();
-                let name = parts.next().unwrap_or_default();
-                let file = parts.next().unwrap_or("model.safetensors");
-                Self::Hub {
-                    repo: format!("{owner}/{name}"),
-                    file: file.to_string(),
-                }
+    /// `hf:owner/repo`, `hf:owner/repo/file.safetensors`, or a local path; an error names
+    /// `backbone.weights`.
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::from_spelling(s).map_err(|message| Error::InvalidValue {
+            key: "backbone.weights".into(),
+            message,
+        })
+    }
+
+    /// [`WeightsSource::parse`] with the reason as text (the config loader adds the key).
+    fn from_spelling(s: &str) -> std::result::Result<Self, String> {
+        let Some(rest) = s.strip_prefix("hf:") else {
+            if s.trim().is_empty() {
+                return Err("empty: expected a .safetensors path or hf:<owner>/<repo>".into());
             }
-            None => Self::Local(PathBuf::from(s)),
+            return Ok(Self::Local(PathBuf::from(s)));
+        };
+        let bad = |why: &str| {
+            format!("`{s}`: {why}: expected hf:<owner>/<repo> or hf:<owner>/<repo>/<file>")
+        };
+        let mut parts = rest.splitn(3, '/');
+        let owner = parts.next().unwrap_or_default();
+        let name = parts.next().unwrap_or_default();
+        let file = parts.next().unwrap_or(DEFAULT_HUB_FILE);
+        // A repository id is two plain path segments; a file is a relative path inside it.
+        let plain =
+            |p: &str| !p.is_empty() && p != "." && p != ".." && !p.contains(char::is_whitespace);
+        if !plain(owner) || !plain(name) {
+            return Err(bad("no repository"));
         }
+        if !file.split('/').all(plain) {
+            return Err(bad("not a file inside the repository"));
+        }
+        Ok(Self::Hub {
+            repo: format!("{owner}/{name}"),
+            file: file.to_string(),
+        })
     }
 
     /// The local file: the path itself, or the hub file from the hf-hub cache (`HF_HOME`),
@@ -58,6 +87,32 @@ impl WeightsSource {
         match self {
             Self::Hub { repo, .. } => Partial::known(repo).unwrap_or_default(),
             Self::Local(_) => Partial::default(),
+        }
+    }
+}
+
+impl TryFrom<String> for WeightsSource {
+    type Error = String;
+
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        Self::from_spelling(&s)
+    }
+}
+
+impl From<WeightsSource> for String {
+    fn from(w: WeightsSource) -> String {
+        w.to_string()
+    }
+}
+
+impl std::fmt::Display for WeightsSource {
+    /// The config spelling: the path, or `hf:<repo>` (`hf:<repo>/<file>` for another file than
+    /// `model.safetensors`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(p) => write!(f, "{}", p.display()),
+            Self::Hub { repo, file } if file == DEFAULT_HUB_FILE => write!(f, "hf:{repo}"),
+            Self::Hub { repo, file } => write!(f, "hf:{repo}/{file}"),
         }
     }
 }
@@ -133,22 +188,58 @@ mod tests {
     #[test]
     fn parses_hub_and_local_sources() {
         assert_eq!(
-            WeightsSource::parse("hf:timm/vgg16.tv_in1k"),
+            WeightsSource::parse("hf:timm/vgg16.tv_in1k").expect("hub"),
             WeightsSource::Hub {
                 repo: "timm/vgg16.tv_in1k".into(),
                 file: "model.safetensors".into()
             }
         );
         assert_eq!(
-            WeightsSource::parse("hf:a/b/sub/w.safetensors"),
+            WeightsSource::parse("hf:a/b/sub/w.safetensors").expect("hub file"),
             WeightsSource::Hub {
                 repo: "a/b".into(),
                 file: "sub/w.safetensors".into()
             }
         );
         assert_eq!(
-            WeightsSource::parse("w/x.safetensors"),
+            WeightsSource::parse("w/x.safetensors").expect("local"),
             WeightsSource::Local("w/x.safetensors".into())
         );
+    }
+
+    #[test]
+    fn malformed_sources_are_errors_naming_the_key_and_value() {
+        for bad in [
+            "hf:",
+            "hf:timm",
+            "hf:timm/",
+            "hf:/x",
+            "hf:a/b/",
+            "hf:a/b/../c",
+            "hf:a b/c",
+            "",
+        ] {
+            let err = WeightsSource::parse(bad).expect_err(bad).to_string();
+            assert!(err.contains("backbone.weights"), "{bad}: {err}");
+            if !bad.is_empty() {
+                assert!(err.contains(&format!("`{bad}`")), "{bad}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_config_spelling_round_trips() {
+        for text in [
+            "hf:timm/vgg16.tv_in1k",
+            "hf:a/b/sub/w.safetensors",
+            "/w/x.safetensors",
+        ] {
+            let w = WeightsSource::try_from(text.to_string()).expect(text);
+            assert_eq!(w.to_string(), text);
+            assert_eq!(String::from(w), text);
+        }
+        // The default file is implied, as in the config's own spelling.
+        let w = WeightsSource::parse("hf:a/b/model.safetensors").expect("hub");
+        assert_eq!(w.to_string(), "hf:a/b");
     }
 }

@@ -9,16 +9,24 @@
 //! Features come from the feature store the run's config names (`[extract] out`) when it holds
 //! them (same image bytes, same space); the others are computed and added to it as shards,
 //! with a `predict` row map so that `extract --gc` keeps them.
+//!
+//! The input is a CSV of image names or a folder (every image under it, sub-folders included,
+//! known by its path below the folder); a folder needs no `[data]` section at all.
+//!
+//! `evaluate` labels its images the same way: [`TrainedRun`] (the run, checked) and [`score`]
+//! (store lookups, backbone, head) are shared, as is the predictions table
+//! ([`predictions_table`], a polars DataFrame written with polars' CSV writer).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
+use polars::prelude::{Column, DataFrame};
 
 use crate::config::{Config, OnBadImage};
 use crate::data::dataset::{content_hashes_within, Dataset, InputLimits};
-use crate::device::{describe, DeviceChoice};
+use crate::device::describe;
 use crate::error::{Error, IoContext, Result};
 use crate::features::backbone::{load_layer, BackboneOptions};
 use crate::features::extract::{compute_jobs, Computed, Engine, Job, Work};
@@ -26,11 +34,12 @@ use crate::features::store::rowmap::{self, view_id, KIND_PREDICT};
 use crate::features::store::{
     atomic_write, shard, CacheKey, Layer, Row, RowMap, Store, FORMAT_VERSION,
 };
-use crate::features::weights::{Weights, WeightsSource};
+use crate::features::weights::Weights;
 use crate::models::finetune::Block5Head;
 use crate::models::head::Head;
 use crate::reporting::runs::{latest_finished, read_config, read_status, RunStatus};
-use crate::training::study::{head_probabilities, read_metrics, BLOCK5_FILE};
+use crate::training::metrics::argmax_rows;
+use crate::training::study::{head_probabilities, read_metrics, RunMetrics, BLOCK5_FILE};
 
 /// What a prediction run did.
 #[derive(Debug, Clone)]
@@ -69,16 +78,31 @@ impl std::fmt::Display for Summary {
 /// The head run to use: `[predict] run` (which must be finished), or the most recent finished
 /// head run, passing over (and saying so) newer runs that are unfinished or unreadable.
 pub fn choose_run(config: &Config) -> Result<PathBuf> {
-    if let Some(run) = &config.predict.run {
+    choose_run_as(
+        config,
+        config.predict.run.as_deref(),
+        "predict.run",
+        "predict",
+    )
+}
+
+/// [`choose_run`] for `program`, whose config key `key` names the run (`chosen`) or is unset.
+pub(crate) fn choose_run_as(
+    config: &Config,
+    chosen: Option<&Path>,
+    key: &str,
+    program: &str,
+) -> Result<PathBuf> {
+    if let Some(run) = chosen {
         let invalid = |message: String| Error::InvalidValue {
-            key: "predict.run".into(),
+            key: key.into(),
             message,
         };
         return match read_status(run) {
-            Ok(RunStatus::Finished) => Ok(run.clone()),
+            Ok(RunStatus::Finished) => Ok(run.to_path_buf()),
             Ok(RunStatus::Running) => Err(invalid(format!(
                 "{} is unfinished (its metrics.json says \"running\": still training, or crashed); \
-                 name a finished run, or leave `predict.run` out for the latest finished one",
+                 name a finished run, or leave `{key}` out for the latest finished one",
                 run.display()
             ))),
             Err(e) => Err(invalid(format!(
@@ -88,7 +112,7 @@ pub fn choose_run(config: &Config) -> Result<PathBuf> {
         };
     }
     let latest = latest_finished(&config.output.runs, "head-", read_metrics);
-    for note in latest.notes("predict") {
+    for note in latest.notes(program) {
         eprintln!("{note}");
     }
     let skipped = latest.skipped.len();
@@ -96,7 +120,7 @@ pub fn choose_run(config: &Config) -> Result<PathBuf> {
         .run
         .map(|(dir, _)| dir)
         .ok_or_else(|| Error::InvalidValue {
-            key: "predict.run".into(),
+            key: key.into(),
             message: format!(
                 "no finished head run under {}{}: run `cargo run -p train-head` first",
                 config.output.runs.display(),
@@ -110,21 +134,65 @@ pub fn choose_run(config: &Config) -> Result<PathBuf> {
 
 /// The feature store of the run's config, when it is one: absent or not a store means
 /// computing without caching (said once); a store that is busy or broken is an error.
-fn open_store(dir: &Path, config: &Config) -> Result<Option<Store>> {
-    match Store::open_shared(dir, config.extract.lock_wait(), "predict") {
+fn open_store(dir: &Path, config: &Config, program: &str) -> Result<Option<Store>> {
+    match Store::open_shared(dir, config.extract.lock_wait(), program) {
         Ok(Some(store)) => Ok(Some(store)),
         Ok(None) => {
             eprintln!(
-                "predict: no feature store at {}: computing every image, without caching",
+                "{program}: no feature store at {}: computing every image, without caching",
                 dir.display()
             );
             Ok(None)
         }
         Err(e @ (Error::ForeignFolder { .. } | Error::Cache { .. })) => {
-            eprintln!("predict: not using the feature store ({e}): computing every image, without caching");
+            eprintln!("{program}: not using the feature store ({e}): computing every image, without caching");
             Ok(None)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// A finished head run, opened for labelling images: everything about the model comes from
+/// here (its resolved config, feature space, classes and weights).
+pub(crate) struct TrainedRun {
+    pub dir: PathBuf,
+    /// The run's resolved config (its `[data]`, `[backbone]`, `[extract]` at training time).
+    pub config: Config,
+    /// The feature space the head was trained on.
+    pub key: CacheKey,
+    /// Its `metrics.json` (the classes, in the head's output order).
+    pub metrics: RunMetrics,
+    /// The backbone weights, checked against the SHA-256 the head was trained on.
+    pub weights: Weights,
+}
+
+impl TrainedRun {
+    /// Reads the run in `run` and opens its backbone weights, refusing weights whose SHA-256
+    /// differs from the one the head was trained on.
+    pub(crate) fn open(run: PathBuf) -> Result<Self> {
+        let trained = read_config(&run)?;
+        let key_path = run.join("cache_key.json");
+        let key = CacheKey::from_run_json(&std::fs::read(&key_path).at(&key_path)?, &key_path)?;
+        let metrics = read_metrics(&run)?;
+        let weights = Weights::open(trained.backbone.weights.resolve()?)?;
+        if weights.sha256 != key.weights_sha256 {
+            return Err(Error::WeightsSource {
+                source_name: trained.backbone.weights.to_string(),
+                message: format!(
+                    "sha256 {} differs from the {} the head in {} was trained on",
+                    weights.sha256,
+                    key.weights_sha256,
+                    run.display()
+                ),
+            });
+        }
+        Ok(Self {
+            dir: run,
+            config: trained,
+            key,
+            metrics,
+            weights,
+        })
     }
 }
 
@@ -133,23 +201,7 @@ fn open_store(dir: &Path, config: &Config) -> Result<Option<Store>> {
 /// rest computed and added to the store.
 pub fn run(config: &Config) -> Result<Summary> {
     let start = Instant::now();
-    let run = choose_run(config)?;
-    let trained = read_config(&run)?;
-    let key_path = run.join("cache_key.json");
-    let key = CacheKey::from_run_json(&std::fs::read(&key_path).at(&key_path)?, &key_path)?;
-    let metrics = read_metrics(&run)?;
-    let weights = Weights::open(WeightsSource::parse(&trained.backbone.weights).resolve()?)?;
-    if weights.sha256 != key.weights_sha256 {
-        return Err(Error::WeightsSource {
-            source_name: trained.backbone.weights.clone(),
-            message: format!(
-                "sha256 {} differs from the {} the head in {} was trained on",
-                weights.sha256,
-                key.weights_sha256,
-                run.display()
-            ),
-        });
-    }
+    let trained_run = TrainedRun::open(choose_run(config)?)?;
     let input = config
         .predict
         .input
@@ -170,6 +222,61 @@ pub fn run(config: &Config) -> Result<Summary> {
         &config.data.image_column,
     )?
     .with_limits(InputLimits::from_config(&config.data));
+    let scored = score(config, &trained_run, &dataset, "predict")?;
+    let labelled: Vec<(String, Vec<f32>)> = dataset
+        .samples
+        .iter()
+        .zip(scored.probabilities)
+        .filter_map(|(s, p)| Some((s.id.clone(), p?)))
+        .collect();
+    let table = predictions_table(
+        &config.data.image_column,
+        &trained_run.config.data.label_column,
+        &trained_run.metrics.classes,
+        &labelled,
+    )?;
+    write_csv(table, &output)?;
+    Ok(Summary {
+        images: labelled.len(),
+        skipped: scored.skipped,
+        from_store: scored.from_store,
+        computed: scored.computed,
+        seconds: start.elapsed().as_secs_f64(),
+        output,
+        run: trained_run.dir,
+    })
+}
+
+/// Class probabilities of a dataset's images under a trained run.
+pub(crate) struct Scored {
+    /// Per sample, in dataset order: the head's probabilities (in the run's class order), or
+    /// `None` for an image that could not be read or decoded (`on_bad_image = "skip"`).
+    pub probabilities: Vec<Option<Vec<f32>>>,
+    /// Samples without probabilities.
+    pub skipped: usize,
+    /// Distinct images whose features came from the feature store.
+    pub from_store: usize,
+    /// Distinct images run through the backbone.
+    pub computed: usize,
+}
+
+/// Labels every image of `dataset` with the run's backbone + head on behalf of `program`
+/// (for messages and the store's lock). Features the run's feature store holds are looked up;
+/// the rest are computed and added to it, under a row map of kind `predict` named by the
+/// dataset's source, so `extract --gc` keeps them.
+pub(crate) fn score(
+    config: &Config,
+    trained_run: &TrainedRun,
+    dataset: &Dataset,
+    program: &str,
+) -> Result<Scored> {
+    let TrainedRun {
+        dir: run,
+        config: trained,
+        key,
+        weights,
+        ..
+    } = trained_run;
     let samples = &dataset.samples;
     let mut rows: Vec<Row> = Vec::with_capacity(samples.len());
     for (s, h) in samples
@@ -182,7 +289,7 @@ pub fn run(config: &Config) -> Result<Summary> {
                 return Err(crate::features::extract::with_line(e, s.line))
             }
             Err(e) => {
-                eprintln!("predict: skipping {}: {e}", s.id);
+                eprintln!("{program}: skipping {}: {e}", s.id);
                 (None, Some(e.to_string()))
             }
         };
@@ -194,14 +301,14 @@ pub fn run(config: &Config) -> Result<Summary> {
         });
     }
 
-    let device = DeviceChoice::parse(&config.extract.device)?.open_logged("predict")?;
-    let store = open_store(&trained.extract.out, config)?;
+    let device = config.extract.device.open_logged(program)?;
+    let store = open_store(&trained.extract.out, config, program)?;
     let mut index = match &store {
         Some(s) => {
-            s.ensure_space(&key)?;
-            s.index(&key, "predict")?
+            s.ensure_space(key)?;
+            s.index(key, program)?
         }
-        None => crate::features::extract::empty_index(&key),
+        None => crate::features::extract::empty_index(key),
     };
     let batch_size = config.extract.batch_size;
     let hashes: Vec<Option<String>> = rows.iter().map(|r| r.hash.clone()).collect();
@@ -214,7 +321,7 @@ pub fn run(config: &Config) -> Result<Summary> {
         features.insert(h.to_string(), v.to_vec());
     }
     eprintln!(
-        "predict: {} images ({} distinct) with {} on {}: {} from the store, {} to compute",
+        "{program}: {} images ({} distinct) with {} on {}: {} from the store, {} to compute",
         samples.len(),
         work.unique.len(),
         run.display(),
@@ -231,7 +338,7 @@ pub fn run(config: &Config) -> Result<Summary> {
             compute: trained.extract.compute,
             ..BackboneOptions::from_config(&config.extract)
         };
-        let backbone = load_layer(&key.backbone, key.layer, &weights, &device, &options)?;
+        let backbone = load_layer(&key.backbone, key.layer, weights, &device, &options)?;
         let jobs: Vec<Job> = misses
             .chunks(batch_size.max(1))
             .map(|items| Job {
@@ -243,9 +350,9 @@ pub fn run(config: &Config) -> Result<Summary> {
             device: &device,
             prep: &key.preprocessing,
             limits: &dataset.limits,
-            key: &key,
+            key,
             on_bad_image: config.data.on_bad_image,
-            program: "predict",
+            program,
         };
         let mut caching = store.is_some();
         let mut written = Vec::new();
@@ -255,10 +362,10 @@ pub fn run(config: &Config) -> Result<Summary> {
                 features.insert(h.clone(), v.to_vec());
             }
             if let (Some(s), true) = (&store, caching) {
-                match s.write_shard(&key, c.hashes, &c.data) {
+                match s.write_shard(key, c.hashes, &c.data) {
                     Ok(w) => written.push(w),
                     Err(e) => {
-                        eprintln!("predict: cannot add to the feature store ({e}): continuing without caching");
+                        eprintln!("{program}: cannot add to the feature store ({e}): continuing without caching");
                         caching = false;
                     }
                 }
@@ -272,7 +379,7 @@ pub fn run(config: &Config) -> Result<Summary> {
         }
     }
     if let Some(s) = &store {
-        let source = input.display().to_string();
+        let source = dataset.source.display().to_string();
         let map_rows: Vec<Row> = rows
             .iter()
             .map(|r| Row {
@@ -288,7 +395,7 @@ pub fn run(config: &Config) -> Result<Summary> {
             kind: KIND_PREDICT.into(),
             source: source.clone(),
             space: key.id(),
-            weights: trained.backbone.weights.clone(),
+            weights: trained.backbone.weights.to_string(),
             classes: Vec::new(),
             batch_size,
             fingerprint: rowmap::fingerprint(&[], &rows),
@@ -306,48 +413,39 @@ pub fn run(config: &Config) -> Result<Summary> {
         }
     }
     eprintln!(
-        "predict: {} from the store, {} computed",
+        "{program}: {} from the store, {} computed",
         hits.len(),
         computed
     );
     drop(store);
 
-    let model = TrainedModel::load(&run, &key, &device)?;
-    let mut labelled: Vec<(String, Vec<f32>)> = Vec::with_capacity(samples.len());
+    let model = TrainedModel::load(run, key, &device)?;
+    let mut probabilities: Vec<Option<Vec<f32>>> = vec![None; samples.len()];
     let mut skipped = 0;
-    let usable: Vec<(&Row, &Vec<f32>)> = rows
+    let usable: Vec<(usize, &Vec<f32>)> = rows
         .iter()
-        .filter_map(|r| {
+        .enumerate()
+        .filter_map(|(i, r)| {
             let f = r.hash.as_ref().and_then(|h| features.get(h));
             if f.is_none() {
                 skipped += 1;
             }
-            Some((r, f?))
+            Some((i, f?))
         })
         .collect();
     for chunk in usable.chunks(batch_size.max(1)) {
         let flat: Vec<f32> = chunk.iter().flat_map(|(_, f)| f.iter().copied()).collect();
         let x = Tensor::from_vec(flat, (chunk.len(), key.dim), &device)?;
         let probs = model.probabilities(&x)?;
-        labelled.extend(chunk.iter().map(|(r, _)| r.id.clone()).zip(probs));
+        for ((i, _), p) in chunk.iter().zip(probs) {
+            probabilities[*i] = Some(p);
+        }
     }
-    let trained_data = &trained.data;
-    let image_column = &config.data.image_column;
-    let csv = to_csv(
-        image_column,
-        &trained_data.label_column,
-        &metrics.classes,
-        &labelled,
-    );
-    atomic_write(&output, csv.as_bytes())?;
-    Ok(Summary {
-        images: labelled.len(),
+    Ok(Scored {
+        probabilities,
         skipped,
         from_store: hits.len(),
         computed,
-        seconds: start.elapsed().as_secs_f64(),
-        output,
-        run,
     })
 }
 
@@ -377,39 +475,123 @@ impl TrainedModel {
     }
 }
 
-/// The output CSV: image, predicted label (the class's own value), `prob_<class>` columns.
+/// The predicted class of each row of probabilities: the first largest value (NaN never wins),
+/// as [`argmax_rows`] decides for the metrics, so a CSV's label and a confusion matrix agree.
+pub(crate) fn predicted_classes(rows: &[(String, Vec<f32>)], classes: usize) -> Vec<usize> {
+    rows.iter()
+        .map(|(_, p)| argmax_rows(p, classes).first().copied().unwrap_or(0))
+        .collect()
+}
+
+/// The predictions table: the image column, the predicted label (the class's own value, like
+/// the training labels), one `prob_<class>` column per class. Column names must differ (a
+/// table cannot hold two columns of one name); a clash is an error naming the column.
+pub fn predictions_table(
+    image_column: &str,
+    label_column: &str,
+    classes: &[String],
+    rows: &[(String, Vec<f32>)],
+) -> Result<DataFrame> {
+    let columns = prediction_columns(image_column, label_column, classes, rows)?;
+    table(rows.len(), columns, "predictions")
+}
+
+/// The columns of [`predictions_table`], for tables that add their own.
+pub(crate) fn prediction_columns(
+    image_column: &str,
+    label_column: &str,
+    classes: &[String],
+    rows: &[(String, Vec<f32>)],
+) -> Result<Vec<Column>> {
+    if let Some((id, p)) = rows.iter().find(|(_, p)| p.len() != classes.len()) {
+        return Err(Error::Table {
+            table: "predictions".into(),
+            message: format!(
+                "{id}: {} probabilities for {} classes",
+                p.len(),
+                classes.len()
+            ),
+        });
+    }
+    let predicted = predicted_classes(rows, classes.len());
+    let mut columns = vec![
+        Column::new(
+            image_column.into(),
+            rows.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            label_column.into(),
+            predicted
+                .iter()
+                .map(|&c| classes.get(c).map_or("", String::as_str))
+                .collect::<Vec<_>>(),
+        ),
+    ];
+    for (c, class) in classes.iter().enumerate() {
+        columns.push(Column::new(
+            format!("prob_{class}").into(),
+            rows.iter().map(|(_, p)| p[c]).collect::<Vec<f32>>(),
+        ));
+    }
+    Ok(columns)
+}
+
+/// A DataFrame of `columns`, each `height` long; a clash of column names is an error naming the
+/// column and the table.
+pub(crate) fn table(height: usize, columns: Vec<Column>, name: &str) -> Result<DataFrame> {
+    let mut seen = std::collections::HashSet::new();
+    if let Some(c) = columns.iter().find(|c| !seen.insert(c.name().to_string())) {
+        return Err(Error::Table {
+            table: name.into(),
+            message: format!(
+                "two columns are named `{}` (an image or label column of that name, or a \
+                 class named so that its probability column clashes): rename one",
+                c.name()
+            ),
+        });
+    }
+    DataFrame::new(height, columns).map_err(|e| Error::Table {
+        table: name.into(),
+        message: e.to_string(),
+    })
+}
+
+/// A table as CSV text with polars' writer: a header, `,` between cells, `\n` after each row,
+/// a cell quoted only when it holds `,`, `"` or a line break (an empty one as `""`), floats
+/// with 6 decimals.
+pub(crate) fn csv_bytes(mut table: DataFrame, path: &Path) -> Result<Vec<u8>> {
+    use polars::prelude::{CsvWriter, SerWriter};
+    let mut out = Vec::new();
+    CsvWriter::new(&mut out)
+        .include_header(true)
+        .with_float_precision(Some(6))
+        .finish(&mut table)
+        .map_err(|e| Error::Csv {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    Ok(out)
+}
+
+/// Writes a table to `path` as CSV ([`csv_bytes`]), whole or not at all.
+pub(crate) fn write_csv(table: DataFrame, path: &Path) -> Result<()> {
+    atomic_write(path, &csv_bytes(table, path)?)
+}
+
+/// The predictions CSV as text: [`predictions_table`] written as [`csv_bytes`] writes it.
 pub fn to_csv(
     image_column: &str,
     label_column: &str,
     classes: &[String],
     rows: &[(String, Vec<f32>)],
-) -> String {
-    let mut header = vec![quote(image_column), quote(label_column)];
-    header.extend(classes.iter().map(|c| quote(&format!("prob_{c}"))));
-    let mut out = header.join(",") + "\n";
-    for (id, probs) in rows {
-        let best = probs
-            .iter()
-            .enumerate()
-            .fold(0, |b, (i, p)| if *p > probs[b] { i } else { b });
-        let mut cells = vec![
-            quote(id),
-            quote(classes.get(best).map_or("", String::as_str)),
-        ];
-        cells.extend(probs.iter().map(|p| format!("{p:.6}")));
-        out.push_str(&cells.join(","));
-        out.push('\n');
-    }
-    out
-}
-
-/// A CSV cell, quoted when it needs to be.
-fn quote(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
+) -> Result<String> {
+    let table = predictions_table(image_column, label_column, classes, rows)?;
+    let bytes = csv_bytes(table, Path::new("predictions.csv"))?;
+    // polars writes UTF-8 from UTF-8 columns.
+    String::from_utf8(bytes).map_err(|e| Error::Table {
+        table: "predictions".into(),
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -427,7 +609,8 @@ mod tests {
             "emergency_or_not",
             &["0".into(), "1".into()],
             &rows,
-        );
+        )
+        .expect("csv");
         assert_eq!(
             csv,
             "image_names,emergency_or_not,prob_0,prob_1\n\

@@ -84,6 +84,23 @@ fn pad(text: &str, width: usize, column: usize) -> String {
     }
 }
 
+/// The Markdown rule under a table's header for columns of `widths`: the first column
+/// left-aligned, the others right-aligned (numbers), with a newline.
+pub(crate) fn markdown_rule(widths: &[usize]) -> String {
+    let rule: Vec<String> = widths
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| {
+            if i == 0 {
+                "-".repeat(w + 2)
+            } else {
+                format!("{}:", "-".repeat(w + 1))
+            }
+        })
+        .collect();
+    format!("|{}|\n", rule.join("|"))
+}
+
 /// A GitHub-flavoured Markdown table, one line per row plus header and alignment lines, every
 /// line ending in `\n`. Columns are padded so the raw text reads as a table too; numbers are
 /// right-aligned. A `|` in a model name is escaped.
@@ -108,18 +125,7 @@ pub fn markdown_table(rows: &[ModelRow]) -> String {
         format!("| {} |\n", inner.join(" | "))
     };
     let mut out = line(&HEADERS.map(String::from));
-    let rule: Vec<String> = w
-        .iter()
-        .enumerate()
-        .map(|(i, &w)| {
-            if i == 0 {
-                "-".repeat(w + 2)
-            } else {
-                format!("{}:", "-".repeat(w + 1))
-            }
-        })
-        .collect();
-    out.push_str(&format!("|{}|\n", rule.join("|")));
+    out.push_str(&markdown_rule(&w));
     for row in &table {
         out.push_str(&line(row));
     }

@@ -12,7 +12,6 @@ use sha2::{Digest, Sha256};
 use crate::config::{Config, HeadKind, OnBadImage, Unfreeze};
 use crate::data::dataset::{hex, Dataset};
 use crate::data::split::{stratified_split, Split};
-use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::features::extract::{hash_samples, load_features, Plan};
 use crate::features::store::FeatureSet;
@@ -822,7 +821,7 @@ pub fn write_report(config: &Config, run: &Path, metrics: &RunMetrics) -> Result
 
 /// Training runs where extraction runs: `[extract] device`.
 fn training_device(config: &Config) -> Result<Device> {
-    DeviceChoice::parse(&config.extract.device)?.open_logged("train")
+    config.extract.device.open_logged("train")
 }
 
 /// Probabilities of a head on new feature rows, batched.

@@ -493,6 +493,40 @@ impl Store {
         }))
     }
 
+    /// Opens `dir` for adding shards with the shared lock (`extract --shard K/N`: many tasks at
+    /// once, none deleting anything), making it a store when it is absent or empty. A folder
+    /// with other content is [`Error::ForeignFolder`]; a format-1 cache must be upgraded by an
+    /// unsharded `extract` first (that deletes files, which needs the exclusive lock).
+    pub fn open_shared_writable(
+        dir: &Path,
+        timeout: Option<Duration>,
+        program: &str,
+    ) -> Result<Self> {
+        let check = |dir: &Path| -> Result<()> {
+            match inspect(dir)? {
+                Folder::Ours => Ok(()),
+                // Tasks starting together write identical marker bytes.
+                Folder::Absent | Folder::Empty => write_marker(dir),
+                Folder::V1(_) => Err(Error::Cache {
+                    path: dir.to_owned(),
+                    message: format!(
+                        "an old feature cache (format 1): run `extract` once without a shard to \
+                         rebuild it in format {FORMAT_VERSION}"
+                    ),
+                }),
+                Folder::Foreign(entries) => Err(foreign_error(dir, &entries)),
+            }
+        };
+        check(dir)?;
+        let lock = StoreLock::acquire(dir, LockKind::Shared, timeout, program)?;
+        // An exclusive holder may have changed the folder while this one waited.
+        check(dir)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            lock,
+        })
+    }
+
     /// The store's folder.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -747,6 +781,25 @@ fn is_temporary_of(name: &str, target: &str) -> bool {
 /// Numbers the temporaries of this process, so two threads never share one.
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// The number in the next temporary's name: a random per-process start plus a counter, so
+/// that processes on different machines sharing the store (where pids coincide: containers'
+/// processes often all have pid 1) do not pick the same temporary either.
+fn tmp_serial() -> u64 {
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        // `RandomState` is seeded from the operating system's random source.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            h.write_u128(t.as_nanos());
+        }
+        // Below 2^63, so the counter cannot wrap for the life of a process.
+        h.finish() >> 1
+    });
+    start + TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Writes `bytes` to `path` atomically: a uniquely named temporary sibling
 /// (`<name>.<pid>-<n>.tmp`) is written and fsynced, renamed over `path`, and the folder is
 /// fsynced so the rename itself survives a crash. `path` never holds a partial file.
@@ -770,15 +823,22 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
             }
         }
     }
-    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let n = tmp_serial();
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}-{n}{TMP_SUFFIX}", std::process::id()));
     let tmp = PathBuf::from(tmp);
+    // `create_new`: should another writer ever pick the same name, fail (leaving its file
+    // alone) rather than share the file.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .at(&tmp)?;
     let written = (|| {
-        let mut f = std::fs::File::create(&tmp).at(&tmp)?;
         f.write_all(bytes).at(&tmp)?;
         f.sync_all().at(&tmp)
     })();
+    drop(f);
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
