@@ -420,6 +420,32 @@ fn block5_run_extracts_pool4_trains_and_predicts() {
             assert!((p - q).abs() <= 2e-6, "{id}: {p} vs {q}");
         }
     }
+    // evaluate scores a block-5 run the same way: every image from the pool4 space, and the
+    // accuracy is the run's model on the stored activations.
+    let mut e = c.clone();
+    e.evaluate.csv = c.data.csv.clone();
+    e.evaluate.images = c.data.images.clone();
+    e.evaluate.run = Some(run.dir.clone());
+    e.evaluate.output = dir.join("evaluation");
+    e.validate().expect("valid");
+    let scored = pipeline::inference::evaluate::run(&e).expect("evaluate");
+    assert_eq!((scored.evaluation.images, scored.from_store), (12, 12));
+    let correct = expected
+        .iter()
+        .zip(&set.labels)
+        .filter(|(p, &l)| {
+            let best = p
+                .iter()
+                .enumerate()
+                .fold(0, |b, (i, v)| if *v > p[b] { i } else { b });
+            best == l
+        })
+        .count();
+    assert!(
+        (scored.evaluation.metrics.accuracy - correct as f64 / 12.0).abs() < 1e-12,
+        "{} vs {correct}/12",
+        scored.evaluation.metrics.accuracy
+    );
     std::fs::remove_dir_all(&c.extract.out).expect("remove store");
     let s = pipeline::inference::predict::run(&c).expect("predict computing");
     assert_eq!((s.images, s.computed), (12, 12));
