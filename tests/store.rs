@@ -481,3 +481,42 @@ fn predict_reuses_the_store_and_adds_what_it_computes() {
         first
     );
 }
+
+#[test]
+fn default_space_id_is_pinned_and_pool4_is_another_space() {
+    use pipeline::features::store::Layer;
+    let key = pipeline::features::store::example_key(224, "f32");
+    // The id of the space every store made before `layer` existed: unchanged, so existing
+    // stores and runs stay valid.
+    assert_eq!(key.id(), "5f7487a65eb3950e");
+    assert!(!String::from_utf8_lossy(&key.canonical_json()).contains("layer"));
+    let pool4 = CacheKey {
+        layer: Layer::Pool4,
+        dim: 512 * 14 * 14,
+        ..key.clone()
+    };
+    assert_ne!(pool4.id(), key.id());
+    assert!(String::from_utf8_lossy(&pool4.canonical_json()).contains("\"layer\":\"pool4\""));
+    assert_eq!(pool4.differences(&key), vec!["dim", "layer"]);
+    // Read back from JSON: validated, dims checked against the layer.
+    let path = std::path::Path::new("space.json");
+    assert_eq!(
+        CacheKey::from_json(&pool4.canonical_json(), path).expect("valid"),
+        pool4
+    );
+    assert_eq!(
+        CacheKey::from_json(&key.canonical_json(), path).expect("valid"),
+        key
+    );
+    let wrong_dim = CacheKey {
+        dim: key.dim,
+        ..pool4.clone()
+    };
+    assert!(CacheKey::from_json(&wrong_dim.canonical_json(), path).is_err());
+    let not_vgg = CacheKey {
+        backbone: "efficientnet_lite0".into(),
+        ..pool4
+    };
+    let err = CacheKey::from_json(&not_vgg.canonical_json(), path).expect_err("no pool4");
+    assert!(err.to_string().contains("space.json"), "{err}");
+}

@@ -5,6 +5,7 @@
 mod common;
 
 mod backbone;
+mod block5;
 mod efficientnet;
 mod evaluate;
 mod extract;

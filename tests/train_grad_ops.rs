@@ -12,7 +12,7 @@ use pipeline::training::{Model, Rows};
 
 const H: f64 = 1e-6;
 
-fn random(shape: &[usize], rng: &mut Rng, lo: f64, hi: f64) -> Tensor {
+pub(crate) fn random(shape: &[usize], rng: &mut Rng, lo: f64, hi: f64) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f64> = (0..n)
         .map(|_| lo + (hi - lo) * rng.uniform_f32() as f64)
@@ -20,19 +20,19 @@ fn random(shape: &[usize], rng: &mut Rng, lo: f64, hi: f64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
 }
 
-fn values(t: &Tensor) -> Vec<f64> {
+pub(crate) fn values(t: &Tensor) -> Vec<f64> {
     t.flatten_all()
         .and_then(|t| t.to_vec1::<f64>())
         .expect("values")
 }
 
 /// `sum(out * r)` as a scalar tensor.
-fn weighted(out: &Tensor, r: &Tensor) -> Tensor {
+pub(crate) fn weighted(out: &Tensor, r: &Tensor) -> Tensor {
     (out * r).and_then(|p| p.sum_all()).expect("loss")
 }
 
 /// Compares `analytic` with central differences of `loss` around `var`'s values.
-fn check(name: &str, var: &Var, analytic: &Tensor, mut loss: impl FnMut() -> f64) {
+pub(crate) fn check(name: &str, var: &Var, analytic: &Tensor, mut loss: impl FnMut() -> f64) {
     assert_eq!(analytic.dims(), var.dims(), "{name}: gradient shape");
     let base = values(var.as_tensor());
     let a = values(analytic);

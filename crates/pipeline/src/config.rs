@@ -440,6 +440,14 @@ pub struct HeadConfig {
     /// its original view, or the mean of its class probabilities over all views. Default:
     /// original.
     pub val_views: ValViews,
+    /// Which backbone layers train with the head. Default: none (frozen features).
+    pub unfreeze: Unfreeze,
+    /// With `unfreeze = "block5"`: the convolutions' learning rate relative to `lr`. Default:
+    /// 0.1 (pretrained filters move slowly while the new head settles).
+    pub conv_lr_scale: f64,
+    /// With `unfreeze = "block5"`: epochs of training block 5 and the head together, after
+    /// `epochs` epochs of the head alone on frozen block-5 features. Default: 3.
+    pub finetune_epochs: usize,
     /// Default: lr 0.0005, 30 epochs, batch 128, constant schedule, no early stopping.
     pub train: TrainSettings,
 }
@@ -474,6 +482,9 @@ impl Default for HeadConfig {
             c: crate::models::logistic::C_GRID.to_vec(),
             cv_folds: 5,
             val_views: ValViews::Original,
+            unfreeze: Unfreeze::None,
+            conv_lr_scale: 0.1,
+            finetune_epochs: 3,
             train: TrainSettings::new(0.0005, 30, 128),
         }
     }
@@ -490,6 +501,17 @@ pub enum HeadKind {
     /// features -> classes: L2-penalised multinomial logistic regression solved to
     /// convergence, the penalty chosen by cross-validation ([`crate::models::logistic`]).
     Logistic,
+}
+
+/// Backbone layers trained with the head (`[head] unfreeze`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unfreeze {
+    /// The backbone stays frozen: the head trains on stored features.
+    None,
+    /// VGG16's block 5 (its three convolutions) trains with a linear head, on stored block-4
+    /// activations ([`crate::models::finetune`]).
+    Block5,
 }
 
 /// Learning-rate schedules.
@@ -748,6 +770,7 @@ impl Config {
                 "must be at least 2 to choose among several `c`",
             );
         }
+        self.validate_unfreeze()?;
         self.cnn.train.validate("cnn")?;
         if !(0.0..1.0).contains(&self.head.dropout) {
             return bad("head.dropout", "must be in [0, 1)");
@@ -787,6 +810,61 @@ impl Config {
             if column.as_ref().is_some_and(|c| c.trim().is_empty()) {
                 return bad(key, "must not be empty");
             }
+        }
+        Ok(())
+    }
+
+    /// `[head] unfreeze = "block5"` needs VGG16 and the linear head (trained by Adam together
+    /// with the convolutions; the logistic solver and the MLP have no such path), a positive
+    /// `conv_lr_scale` and at least one fine-tuning epoch.
+    fn validate_unfreeze(&self) -> Result<()> {
+        let h = &self.head;
+        if h.unfreeze == Unfreeze::None {
+            return Ok(());
+        }
+        let bad = |key: &str, message: String| {
+            Err(Error::InvalidValue {
+                key: key.into(),
+                message,
+            })
+        };
+        if self.backbone.name != "vgg16" {
+            return bad(
+                "head.unfreeze",
+                format!(
+                    "\"block5\" fine-tunes VGG16's block 5, but `backbone.name` is `{}`: use backbone.name = \"vgg16\" or unfreeze = \"none\"",
+                    self.backbone.name
+                ),
+            );
+        }
+        if h.kind != HeadKind::Linear {
+            return bad(
+                "head.unfreeze",
+                format!(
+                    "\"block5\" trains a linear head with the convolutions, but `head.kind` is `{}`: use kind = \"linear\" or unfreeze = \"none\"",
+                    toml::Value::try_from(h.kind)
+                        .map(|v| v.as_str().unwrap_or_default().to_string())
+                        .unwrap_or_default()
+                ),
+            );
+        }
+        if self.extract.views.len() > 1 {
+            return bad(
+                "head.unfreeze",
+                format!(
+                    "\"block5\" trains on the original images only, but `extract.views` is {:?}: use views = [\"original\"] or unfreeze = \"none\"",
+                    self.extract.views
+                ),
+            );
+        }
+        if !(h.conv_lr_scale.is_finite() && h.conv_lr_scale > 0.0) {
+            return bad("head.conv_lr_scale", "must be positive".into());
+        }
+        if h.finetune_epochs == 0 {
+            return bad(
+                "head.finetune_epochs",
+                "must be at least 1 with unfreeze = \"block5\"".into(),
+            );
         }
         Ok(())
     }
@@ -1208,6 +1286,85 @@ mod tests {
         assert!(err.to_string().contains("`head.lr`"), "{err}");
         let err = load_str(MINIMAL, &["cnn.epochs=0"]).expect_err("zero");
         assert!(err.to_string().contains("cnn.epochs"), "{err}");
+    }
+
+    #[test]
+    fn unfreeze_block5_is_typed_and_checked() {
+        let c = load_str(MINIMAL, &[]).expect("valid");
+        assert_eq!(c.head.unfreeze, Unfreeze::None);
+        assert_eq!(c.head.conv_lr_scale, 0.1);
+        let c = load_str(
+            MINIMAL,
+            &["head.unfreeze=\"block5\"", "head.conv_lr_scale=0.05"],
+        )
+        .expect("valid");
+        assert_eq!(c.head.unfreeze, Unfreeze::Block5);
+        assert_eq!(c.head.conv_lr_scale, 0.05);
+        assert_eq!(c.head.finetune_epochs, 3);
+        let err = load_str(MINIMAL, &["head.unfreeze=\"block4\""]).expect_err("unknown");
+        assert!(err.to_string().contains("head.unfreeze"), "{err}");
+        // Another backbone: an error naming both keys.
+        let err = load_str(
+            MINIMAL,
+            &[
+                "head.unfreeze=\"block5\"",
+                "backbone.name=\"efficientnet_lite0\"",
+            ],
+        )
+        .expect_err("backbone");
+        let text = err.to_string();
+        assert!(
+            text.contains("head.unfreeze") && text.contains("backbone.name"),
+            "{text}"
+        );
+        assert!(text.contains("efficientnet_lite0"), "{text}");
+        // Heads other than linear: an error naming both keys.
+        for kind in ["logistic", "mlp"] {
+            let err = load_str(
+                MINIMAL,
+                &["head.unfreeze=\"block5\"", &format!("head.kind=\"{kind}\"")],
+            )
+            .expect_err("kind");
+            let text = err.to_string();
+            assert!(
+                text.contains("head.unfreeze") && text.contains("head.kind"),
+                "{text}"
+            );
+            assert!(text.contains(kind), "{text}");
+        }
+        // Block 5 with augmented views: an error naming both keys.
+        let err = load_str(
+            MINIMAL,
+            &[
+                "head.unfreeze=\"block5\"",
+                "extract.views=[\"original\", \"hflip\"]",
+            ],
+        )
+        .expect_err("views");
+        let text = err.to_string();
+        assert!(
+            text.contains("head.unfreeze") && text.contains("extract.views"),
+            "{text}"
+        );
+        for bad in ["0", "-1", "nan"] {
+            let err = load_str(
+                MINIMAL,
+                &[
+                    "head.unfreeze=\"block5\"",
+                    &format!("head.conv_lr_scale={bad}"),
+                ],
+            )
+            .expect_err("scale");
+            assert!(err.to_string().contains("head.conv_lr_scale"), "{err}");
+        }
+        let err = load_str(
+            MINIMAL,
+            &["head.unfreeze=\"block5\"", "head.finetune_epochs=0"],
+        )
+        .expect_err("epochs");
+        assert!(err.to_string().contains("head.finetune_epochs"), "{err}");
+        // Without fine-tuning the keys are inert.
+        load_str(MINIMAL, &["head.kind=\"logistic\"", "head.conv_lr_scale=0"]).expect("inert");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{ComputePrecision, ConvAlgorithm, ExtractConfig};
 use crate::error::{Error, Result};
+use crate::features::store::Layer;
 use crate::features::weights::Weights;
 
 /// A frozen feature extractor: preprocessed images in, one feature row per image out.
@@ -56,6 +57,27 @@ pub const VGG16_SPEC: BackboneSpec = BackboneSpec {
     feature_dim: Vgg16Features::feature_dim,
     load: |w, device, options| Ok(Box::new(Vgg16Features::load(w, device, options)?)),
 };
+
+/// The network computing `layer` of backbone `name`: the registry's network for its output;
+/// VGG16 cut after block 4's pool for [`Layer::Pool4`] (the input of a fine-tuned block 5).
+pub fn load_layer(
+    name: &str,
+    layer: Layer,
+    weights: &Weights,
+    device: &Device,
+    options: &BackboneOptions,
+) -> Result<Box<dyn Backbone>> {
+    match layer {
+        Layer::Output => (spec(name)?.load)(weights, device, options),
+        Layer::Pool4 if name == VGG16_SPEC.name => Ok(Box::new(
+            Vgg16Features::load(weights, device, options)?.through_block4()?,
+        )),
+        Layer::Pool4 => Err(Error::InvalidValue {
+            key: "head.unfreeze".into(),
+            message: format!("block-4 activations exist for vgg16 only, not `{name}`"),
+        }),
+    }
+}
 
 /// Every backbone the pipeline runs.
 pub const REGISTRY: [&BackboneSpec; 2] = [&VGG16_SPEC, &crate::features::efficientnet::SPEC];
@@ -334,18 +356,39 @@ impl Vgg16Features {
         Ok(layers)
     }
 
+    /// The network cut after block 4's max-pool (its first ten convolutions): each image's
+    /// `[512, s/16, s/16]` activations, flattened in C,H,W order.
+    pub fn through_block4(self) -> Result<Self> {
+        const CONVS: usize = 10;
+        let engine = match self.engine {
+            Engine::Fast(net) => Engine::Fast(net.truncated(CONVS)?),
+            Engine::Candle(mut net) => {
+                net.layers.truncate(CONVS);
+                if net.layers.len() != CONVS || !net.layers[CONVS - 1].pool_after {
+                    return Err(Error::Model {
+                        model: "vgg16".into(),
+                        message: "block 4 does not end in a pool".into(),
+                    });
+                }
+                Engine::Candle(net)
+            }
+        };
+        Ok(Self { engine })
+    }
+
     /// Features of a batch, in the engine's compute dtype (f32 on the CPU). The input may be
     /// of any float dtype; it is converted first.
     ///
     /// # Shapes
-    /// `[b, 3, s, s]` -> `[b, 512 * (s/32)^2]` (`[b, 25088]` at s = 224).
+    /// `[b, 3, s, s]` -> `[b, 512 * (s/32)^2]` (`[b, 25088]` at s = 224); cut after block 4
+    /// ([`Self::through_block4`]): `[b, 512 * (s/16)^2]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.engine {
             Engine::Fast(net) => {
                 let (b, _, s, _) = x.dims4()?;
                 let input = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let features = net.forward(&input, b, s)?;
-                let dim = fastconv::Vgg16Cpu::feature_dim(s);
+                let dim = net.output_dim(s);
                 Ok(Tensor::from_vec(features, (b, dim), &Device::Cpu)?)
             }
             Engine::Candle(net) => net.forward(x),

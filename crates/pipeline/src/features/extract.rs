@@ -22,16 +22,16 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{Config, DataConfig, OnBadImage};
+use crate::config::{Config, DataConfig, OnBadImage, Unfreeze};
 use crate::data::dataset::{content_hashes_within, Dataset, InputLimits, Sample};
 use crate::data::preprocess::{Partial, Preprocessing};
 use crate::device::describe;
 use crate::error::{Error, Result};
-use crate::features::backbone::{spec, Backbone, BackboneOptions};
+use crate::features::backbone::{load_layer, spec, Backbone, BackboneOptions};
 use crate::features::parts::{self, Assignment, Part, PartRecord, PartsFound, Skipped};
 use crate::features::store::rowmap::{self, describe_changes, view_id, KIND_DATASET};
 use crate::features::store::{
-    CacheKey, FeatureSet, Folder, Index, Row, RowMap, Store, FORMAT_VERSION,
+    CacheKey, FeatureSet, Folder, Index, Layer, Row, RowMap, Store, FORMAT_VERSION,
 };
 use crate::features::views::{self, View};
 use crate::features::weights::Weights;
@@ -153,6 +153,16 @@ pub fn space_key(
     preprocessing: &Preprocessing,
 ) -> Result<CacheKey> {
     let backbone = spec(&config.backbone.name)?;
+    let layer = space_layer(config);
+    let dim = layer
+        .dim(backbone.name, preprocessing.input_size)
+        .ok_or_else(|| Error::InvalidValue {
+            key: "head.unfreeze".into(),
+            message: format!(
+                "block-4 activations exist for vgg16 only, not `{}`",
+                backbone.name
+            ),
+        })?;
     Ok(CacheKey {
         format: FORMAT_VERSION,
         backbone: backbone.name.to_string(),
@@ -160,8 +170,19 @@ pub fn space_key(
         preprocessing: preprocessing.clone(),
         dtype: format!("{:?}", config.extract.dtype).to_lowercase(),
         compute: config.extract.compute.name().into(),
-        dim: (backbone.feature_dim)(preprocessing.input_size),
+        dim,
+        layer,
     })
+}
+
+/// The activations a config's store space holds: the backbone's output, or with `[head]
+/// unfreeze = "block5"` VGG16's block-4 pool (what the fine-tuned block 5 reads: `extract`
+/// then extracts those, and `train-head` finds them there).
+pub fn space_layer(config: &Config) -> Layer {
+    match config.head.unfreeze {
+        Unfreeze::None => Layer::Output,
+        Unfreeze::Block5 => Layer::Pool4,
+    }
 }
 
 /// The canonical description of a dataset's origin (part of its row map's identity).
@@ -951,7 +972,13 @@ pub fn load_backbone(
     config: &Config,
 ) -> Result<Box<dyn Backbone>> {
     let options = BackboneOptions::from_config(&config.extract);
-    (spec(&config.backbone.name)?.load)(weights, device, &options)
+    load_layer(
+        &config.backbone.name,
+        space_layer(config),
+        weights,
+        device,
+        &options,
+    )
 }
 
 /// One unit of computation: the images of one planned batch that the store lacks.

@@ -11,7 +11,7 @@ pub mod store;
 pub mod views;
 pub(crate) mod weights;
 
-pub use backbone::{BackboneOptions, CandleVgg, Vgg16Features};
+pub use backbone::{load_layer, BackboneOptions, CandleVgg, Vgg16Features};
 pub use efficientnet::EfficientNetLite0;
 pub use store::{CacheKey, FeatureSet, RowMap, Store};
 pub use weights::{Weights, WeightsSource};

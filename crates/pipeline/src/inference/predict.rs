@@ -32,16 +32,19 @@ use crate::config::{Config, OnBadImage};
 use crate::data::dataset::{content_hashes_within, Dataset, InputLimits};
 use crate::device::describe;
 use crate::error::{Error, IoContext, Result};
-use crate::features::backbone::{spec, BackboneOptions};
+use crate::features::backbone::{load_layer, BackboneOptions};
 use crate::features::extract::{compute_jobs, Computed, Engine, Job, Work};
 use crate::features::store::rowmap::{self, view_id, KIND_PREDICT};
-use crate::features::store::{atomic_write, shard, CacheKey, Row, RowMap, Store, FORMAT_VERSION};
+use crate::features::store::{
+    atomic_write, shard, CacheKey, Layer, Row, RowMap, Store, FORMAT_VERSION,
+};
 use crate::features::views::{self, mean_over_views, View};
 use crate::features::weights::Weights;
+use crate::models::finetune::Block5Head;
 use crate::models::head::Head;
 use crate::reporting::runs::{latest_finished, read_config, read_status, RunStatus};
 use crate::training::metrics::argmax_rows;
-use crate::training::study::{head_probabilities, read_metrics, RunMetrics};
+use crate::training::study::{head_probabilities, read_metrics, RunMetrics, BLOCK5_FILE};
 
 /// What a prediction run did.
 #[derive(Debug, Clone)]
@@ -352,7 +355,7 @@ pub(crate) fn score(
             compute: trained.extract.compute,
             ..BackboneOptions::from_config(&config.extract)
         };
-        let backbone = (spec(&key.backbone)?.load)(weights, &device, &options)?;
+        let backbone = load_layer(&key.backbone, key.layer, weights, &device, &options)?;
         let jobs: Vec<Job> = misses
             .chunks(batch_size.max(1))
             .map(|items| Job {
@@ -436,7 +439,7 @@ pub(crate) fn score(
     );
     drop(store);
 
-    let head = Head::load(&run.join("head.safetensors"), &device)?;
+    let model = TrainedModel::load(run, key, &device)?;
     let mut probabilities: Vec<Option<Vec<f32>>> = vec![None; samples.len()];
     let mut skipped = 0;
     // An image is labelled when its features exist under every view.
@@ -458,7 +461,7 @@ pub(crate) fn score(
         let per_view: Vec<Vec<&[f32]>> = (0..views.len())
             .map(|v| chunk.iter().map(|(_, f)| f[v].as_slice()).collect())
             .collect();
-        let probs = view_mean_probabilities(&head, &per_view, key.dim, &device)?;
+        let probs = view_mean_probabilities(&model, &per_view, key.dim, &device)?;
         for ((i, _), p) in chunk.iter().zip(probs) {
             probabilities[*i] = Some(p);
         }
@@ -472,9 +475,9 @@ pub(crate) fn score(
 }
 
 /// Each row's class probabilities averaged over views: `per_view[v][i]` is row `i`'s feature
-/// vector (length `dim`) under view `v`. With one view, the head's probabilities unchanged.
+/// vector (length `dim`) under view `v`. With one view, the model's probabilities unchanged.
 pub(crate) fn view_mean_probabilities(
-    head: &Head,
+    model: &TrainedModel,
     per_view: &[Vec<&[f32]>],
     dim: usize,
     device: &candle_core::Device,
@@ -484,10 +487,36 @@ pub(crate) fn view_mean_probabilities(
         .map(|rows| {
             let flat: Vec<f32> = rows.iter().flat_map(|f| f.iter().copied()).collect();
             let x = Tensor::from_vec(flat, (rows.len(), dim), device)?;
-            head_probabilities(head, &x)
+            model.probabilities(&x)
         })
         .collect::<Result<Vec<_>>>()?;
     mean_over_views(&probs)
+}
+
+/// What a head run trained: a head on stored features, or (a run on block-4 activations)
+/// VGG16's fine-tuned block 5 with its head.
+pub enum TrainedModel {
+    Head(Head),
+    Block5(Block5Head),
+}
+
+impl TrainedModel {
+    /// The model of `run`, trained in space `key`: `block5.safetensors` for a pool4 space,
+    /// else `head.safetensors`.
+    pub fn load(run: &Path, key: &CacheKey, device: &candle_core::Device) -> Result<Self> {
+        Ok(match key.layer {
+            Layer::Pool4 => Self::Block5(Block5Head::load(&run.join(BLOCK5_FILE), device)?),
+            Layer::Output => Self::Head(Head::load(&run.join("head.safetensors"), device)?),
+        })
+    }
+
+    /// Softmax probabilities of stored rows of the run's space (`[n, key.dim]`).
+    pub fn probabilities(&self, x: &Tensor) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Self::Head(head) => head_probabilities(head, x),
+            Self::Block5(model) => crate::training::fit::probabilities(&model.logits(x)?),
+        }
+    }
 }
 
 /// The predicted class of each row of probabilities: the first largest value (NaN never wins),
@@ -621,10 +650,11 @@ mod tests {
         // logits (x, -x): P(class 0) = sigmoid(2x).
         let shape = HeadShape::new(HeadKind::Linear, 1, 2, 0.0);
         let head = Head::from_weights(&shape, &[1.0, -1.0], &[0.0, 0.0], &device).expect("ok");
+        let model = TrainedModel::Head(head);
         let half_ln3 = 3f32.ln() / 2.0; // sigmoid(ln 3) = 3/4
         let (a0, a1, b0, b1) = ([0.0f32], [half_ln3], [-half_ln3], [-half_ln3]);
         let per_view = vec![vec![&a0[..], &b0[..]], vec![&a1[..], &b1[..]]];
-        let probs = view_mean_probabilities(&head, &per_view, 1, &device).expect("ok");
+        let probs = view_mean_probabilities(&model, &per_view, 1, &device).expect("ok");
         // Image a: (1/2 + 3/4) / 2 = 5/8; image b: (1/4 + 1/4) / 2 = 1/4.
         let want = [[0.625, 0.375], [0.25, 0.75]];
         for (p, w) in probs.iter().zip(want) {
@@ -633,7 +663,7 @@ mod tests {
             }
         }
         // One view: the head's own probabilities.
-        let one = view_mean_probabilities(&head, &per_view[..1], 1, &device).expect("ok");
+        let one = view_mean_probabilities(&model, &per_view[..1], 1, &device).expect("ok");
         assert!((one[0][0] - 0.5).abs() < 1e-6 && (one[1][0] - 0.25).abs() < 1e-6);
     }
 

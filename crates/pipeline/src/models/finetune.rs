@@ -7,11 +7,15 @@
 //! extraction), and an epoch costs only block 5 and the head: ~2.8 GFLOP forward and twice that
 //! backward per 224x224 image, against ~31 GFLOP for the whole stack.
 //!
-//! The convolutions are im2col + one batched matmul ([`crate::models::cnn::conv3x3`], plain candle ops,
-//! so candle's autograd gives exact gradients; checked against finite differences and PyTorch
-//! in the tests), the pool is [`crate::models::cnn::max_pool2x2`] (candle's own max-pool backward is
-//! wrong). The convolutions learn at `lr * conv_lr_scale` (lower than the head's), so the
-//! pretrained filters move slowly.
+//! On the CPU the convolutions are [`crate::models::gemm_conv::conv3x3_gemm`] (im2col + GEMM per
+//! image with a hand-written backward; the first conv computes no gradient for its cached
+//! input); on other devices [`crate::models::cnn::conv3x3`] (plain candle ops). The pool is
+//! [`crate::models::cnn::max_pool2x2`] (candle's own max-pool backward is wrong). Gradients are
+//! checked against finite differences and PyTorch in the tests. The convolutions learn at
+//! `lr * conv_lr_scale` (lower than the head's), so the pretrained filters move slowly: the
+//! head starts from scratch and its early gradients are large and noisy, and at the head's
+//! rate they would wreck the pretrained filters before the head settles (the reason fastai's
+//! `fine_tune` trains the head alone first and discriminative learning rates exist).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::features::weights::Weights;
 use crate::models::cnn::{conv3x3, max_pool2x2};
+use crate::models::gemm_conv::conv3x3_gemm;
 use crate::models::params::{Params, SavedState};
 use crate::training::fit::{Model, Rows};
 use crate::training::rng::Rng;
@@ -128,8 +133,8 @@ impl Block5Head {
         &self.shape
     }
 
-    /// `[b, c, side, side]` -> logits `[b, classes]`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `[b, c, side, side]` -> block 5's pooled output, flattened `[b, feature_dim]`.
+    fn block5(&self, x: &Tensor) -> Result<Tensor> {
         let (c, s) = (self.shape.channels, self.shape.side);
         if x.dims() != [x.dim(0)?, c, s, s] || x.dtype() != self.params.dtype() {
             return Err(Error::Model {
@@ -144,14 +149,44 @@ impl Block5Head {
         }
         let mut h = x.clone();
         for conv in &self.convs {
-            let bias = conv.bias.as_tensor().reshape((1, c, 1, 1))?;
-            h = conv3x3(&h, conv.weight.as_tensor())?
-                .broadcast_add(&bias)?
-                .relu()?;
+            let (w, b) = (conv.weight.as_tensor(), conv.bias.as_tensor());
+            h = if h.device().is_cpu() {
+                conv3x3_gemm(&h, w, b)?
+            } else {
+                conv3x3(&h, w)?.broadcast_add(&b.reshape((1, c, 1, 1))?)?
+            }
+            .relu()?;
         }
-        let h = max_pool2x2(&h)?.flatten_from(1)?;
+        Ok(max_pool2x2(&h)?.flatten_from(1)?)
+    }
+
+    /// `[b, c, side, side]` -> logits `[b, classes]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.block5(x)?;
         Ok(h.matmul(&self.fc_weight.as_tensor().t()?)?
             .broadcast_add(self.fc_bias.as_tensor())?)
+    }
+
+    /// Block 5's pooled output of block-4 activations (`[n, c * side * side]` rows), with the
+    /// current convolution weights and no gradient graph: the features the head is warmed up on
+    /// while block 5 is frozen.
+    pub fn block5_features(&self, activations: &Tensor) -> Result<Tensor> {
+        let n = activations.dim(0)?;
+        let (c, s) = (self.shape.channels, self.shape.side);
+        let x = activations
+            .to_dtype(self.params.dtype())?
+            .to_device(self.params.device())?
+            .reshape((n, c, s, s))?;
+        Ok(self.block5(&x)?.detach())
+    }
+
+    /// Replaces the head's weights (`[classes, feature_dim]`, `[classes]`), e.g. by a head
+    /// trained on [`Self::block5_features`].
+    pub fn set_head(&self, weight: &Tensor, bias: &Tensor) -> Result<()> {
+        let dtype = self.params.dtype();
+        self.fc_weight.set(&weight.to_dtype(dtype)?)?;
+        self.fc_bias.set(&bias.to_dtype(dtype)?)?;
+        Ok(())
     }
 
     /// Evaluation-mode logits of new block-4 activations (`[n, c, side, side]` or flattened

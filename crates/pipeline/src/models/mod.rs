@@ -5,6 +5,7 @@
 
 pub(crate) mod cnn;
 pub(crate) mod finetune;
+pub mod gemm_conv;
 pub(crate) mod head;
 pub mod logistic;
 pub mod ops;

@@ -5,17 +5,19 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, HeadKind, OnBadImage, ValViews};
+use crate::config::{Config, HeadKind, OnBadImage, Unfreeze, ValViews};
 use crate::data::dataset::{hex, Dataset};
 use crate::data::split::{stratified_split, Split};
 use crate::error::{Error, Result};
 use crate::features::extract::{hash_samples, load_features, Plan};
+use crate::features::store::FeatureSet;
 use crate::features::views::{self, expand_rows, mean_over_views};
 use crate::models::cnn::{load_images, Cnn, CnnShape};
+use crate::models::finetune::{Block5Head, Block5Shape};
 use crate::models::head::{Head, HeadShape};
 use crate::models::scaling::Scaler;
 use crate::reporting::plot::{confusion_matrix_png, line_chart, Series};
@@ -185,11 +187,19 @@ pub struct RunOutcome {
     pub table: String,
 }
 
-/// `train-head`: trains the configured head on the cached features.
+/// `train-head`: trains the configured head on the cached features (with `[head] unfreeze =
+/// "block5"`, VGG16's block 5 and a linear head on cached block-4 activations).
 pub fn train_head(config: &Config) -> Result<RunOutcome> {
     let device = training_device(config)?;
     let plan = Plan::new(config)?;
-    let set = load_features(config, &plan)?;
+    let set = if config.head.unfreeze == Unfreeze::Block5 {
+        load_or_extract(config, &plan)?
+    } else {
+        load_features(config, &plan)?
+    };
+    if config.head.unfreeze == Unfreeze::Block5 {
+        return train_block5(config, &device, &plan, set);
+    }
     let split = split_dataset(config, &plan.dataset, &plan.hashes)?;
     // Feature rows on each side (rows of skipped images are simply absent).
     let side = |rows: &[usize]| -> Vec<usize> {
@@ -286,6 +296,172 @@ pub fn train_head(config: &Config) -> Result<RunOutcome> {
     head.save(&run.file("head.safetensors"))?;
     finish_run(config, &run, outcome)
 }
+
+/// The dataset's features from the store, extracted first (by `extract`'s own code, so its
+/// locking, resume and validation hold) when the store lacks or has damaged some of them.
+fn load_or_extract(config: &Config, plan: &Plan) -> Result<FeatureSet> {
+    match load_features(config, plan) {
+        Ok(set) => Ok(set),
+        Err(Error::Cache { message, .. }) => {
+            eprintln!("train-head: {message}; extracting the block-4 activations now");
+            let summary = crate::features::extract::run(config)?;
+            eprintln!("{summary}");
+            load_features(config, plan)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `train-head` with `[head] unfreeze = "block5"`: first the linear head alone on block 5's
+/// frozen output (computed once from the cached block-4 activations; `[head] epochs`), then
+/// block 5 and the head together (`[head] finetune_epochs`, the convolutions at `lr *
+/// conv_lr_scale`), as fastai's `fine_tune`. Same split, seeds, metrics, run files and report
+/// as the other heads; the run is `head-block5-<time>` with `block5.safetensors`.
+fn train_block5(
+    config: &Config,
+    device: &Device,
+    plan: &Plan,
+    set: FeatureSet,
+) -> Result<RunOutcome> {
+    let split = split_dataset(config, &plan.dataset, &plan.hashes)?;
+    let side = |rows: &[usize]| -> Vec<usize> {
+        let mut on = vec![false; plan.dataset.samples.len()];
+        rows.iter().for_each(|&r| on[r] = true);
+        (0..set.rows.len()).filter(|&i| on[set.rows[i]]).collect()
+    };
+    let (train_rows, val_rows) = (side(&split.split.train), side(&split.split.val));
+    let h = &config.head;
+    let classes = plan.dataset.classes.clone();
+    let shape = Block5Shape {
+        channels: 512,
+        side: set.key.preprocessing.input_size as usize / 16,
+        classes: classes.len(),
+        conv_lr_scale: h.conv_lr_scale,
+    };
+    let mut rng = Rng::new(config.split.seed).fork(INIT_STREAM);
+    let model = Block5Head::new(&shape, &plan.weights, &mut rng, DType::F32, device)?;
+    let activations = set.features.to_device(device)?;
+    drop(set.features);
+    let data = Labelled {
+        inputs: &activations,
+        labels: &set.labels,
+    };
+    let run = RunDir::create(&config.output.runs, "head-block5")?;
+    run.write_config(config)?;
+    run.write_json("cache_key.json", &set.key)?;
+    let spec = RunSpec {
+        run: &run,
+        kind: "head",
+        name: "VGG16 + fine-tuned block 5 + linear head",
+        // Config validation refuses block 5 with augmented views: the original view only.
+        views: Views {
+            names: views::original_only(),
+            per_view: set.labels.len(),
+            val: ValViews::Original,
+        },
+        classes,
+        split,
+        train_rows: &train_rows,
+        val_rows: &val_rows,
+        epochs: h.train.epochs + h.finetune_epochs,
+        batch_size: h.train.batch_size,
+    };
+    let seed = config.split.seed;
+    let train: Train<'_, Block5Head> = Box::new(|on_epoch| {
+        // 1. The head alone, on block 5's frozen output computed once.
+        let start = Instant::now();
+        let all: Vec<usize> = (0..activations.dim(0)?).collect();
+        let mut parts = Vec::new();
+        for chunk in all.chunks(h.train.batch_size.max(1)) {
+            let rows = crate::training::fit::select_rows(&activations, chunk)?;
+            parts.push(model.block5_features(&rows)?);
+        }
+        let pool5 = Tensor::cat(&parts, 0)?;
+        drop(parts);
+        eprintln!(
+            "block5: block 5's frozen output of {} images in {:.1} s; training the head alone for {} epochs",
+            all.len(),
+            start.elapsed().as_secs_f64(),
+            h.train.epochs
+        );
+        let head_shape = HeadShape::new(HeadKind::Linear, shape.feature_dim(), shape.classes, 0.0);
+        let head = Head::new(&head_shape, None, &mut rng, DType::F32, device)?;
+        let frozen = Labelled {
+            inputs: &pool5,
+            labels: data.labels,
+        };
+        let opts = TrainOptions {
+            settings: h.train.clone(),
+            seed,
+        };
+        let first = fit(
+            &head,
+            &frozen,
+            shape.classes,
+            &train_rows,
+            &val_rows,
+            &opts,
+            &mut *on_epoch,
+        )?;
+        let trained = head.params().sorted()?;
+        let get = |name: &str| {
+            trained
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_tensor().clone())
+                .ok_or_else(|| Error::Model {
+                    model: "block5".into(),
+                    message: format!("the warm-up head has no `{name}`"),
+                })
+        };
+        model.set_head(&get("fc.weight")?, &get("fc.bias")?)?;
+        drop(pool5);
+        // 2. Block 5 and the head together.
+        eprintln!(
+            "block5: fine-tuning block 5 (lr x {}) and the head for {} epochs",
+            h.conv_lr_scale, h.finetune_epochs
+        );
+        let done = first.epochs.len();
+        let opts = TrainOptions {
+            settings: crate::config::TrainSettings {
+                epochs: h.finetune_epochs,
+                ..h.train.clone()
+            },
+            seed: seed.wrapping_add(1),
+        };
+        let second = fit(
+            &model,
+            &data,
+            shape.classes,
+            &train_rows,
+            &val_rows,
+            &opts,
+            |r: &EpochRecord| {
+                on_epoch(&EpochRecord {
+                    epoch: done + r.epoch,
+                    ..r.clone()
+                })
+            },
+        )?;
+        let mut epochs = first.epochs;
+        epochs.extend(second.epochs.into_iter().map(|r| EpochRecord {
+            epoch: done + r.epoch,
+            ..r
+        }));
+        let history = History {
+            epochs,
+            best_epoch: done + second.best_epoch,
+            stopped_early: second.stopped_early,
+        };
+        Ok((model, history))
+    });
+    let (model, outcome) = train_and_record(&spec, &data, train)?;
+    model.save(&run.file(BLOCK5_FILE))?;
+    finish_run(config, &run, outcome)
+}
+
+/// The weights file of a block-5 run (a head run's is `head.safetensors`).
+pub const BLOCK5_FILE: &str = "block5.safetensors";
 
 /// The logistic head's training: cross-validation over `[head] c`, the final fit on all
 /// training rows, and one record of its losses and accuracies (it has no epochs). The
@@ -640,7 +816,13 @@ fn write_plots(run: &RunDir, m: &RunMetrics) -> Result<()> {
 }
 
 /// Run-name prefixes of the model kinds the report compares.
-const RUN_KINDS: [&str; 4] = ["cnn-", "head-linear-", "head-mlp-", "head-logistic-"];
+const RUN_KINDS: [&str; 5] = [
+    "cnn-",
+    "head-linear-",
+    "head-mlp-",
+    "head-logistic-",
+    "head-block5-",
+];
 
 /// Writes `report.md` in `run` comparing it (its `metrics`) with the latest finished run of
 /// every other model kind trained on the same split; returns the terminal table. Other runs'

@@ -94,6 +94,40 @@ pub struct CacheKey {
     pub compute: String,
     /// Length of one feature vector.
     pub dim: usize,
+    /// Which activations: the backbone's output (the default, left out of the JSON so that
+    /// the ids of existing spaces stay as they were) or VGG16's block-4 pool (`"pool4"`, what
+    /// a fine-tuned block 5 reads).
+    #[serde(default, skip_serializing_if = "Layer::is_output")]
+    pub layer: Layer,
+}
+
+/// The activations a space stores.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    /// The backbone's feature vector (VGG16: pool5, flattened).
+    #[default]
+    Output,
+    /// VGG16's block-4 max-pool output, `[512, s/16, s/16]` flattened in C,H,W order.
+    Pool4,
+}
+
+impl Layer {
+    /// Whether this is the default (not written to `space.json`).
+    pub fn is_output(&self) -> bool {
+        *self == Layer::Output
+    }
+
+    /// Length of one stored row for `backbone` at input side `size`; `None` where the layer
+    /// does not exist for that backbone (pool4 is VGG16's).
+    pub fn dim(&self, backbone: &str, size: u32) -> Option<usize> {
+        match self {
+            Layer::Output => crate::features::backbone::spec(backbone)
+                .ok()
+                .map(|b| (b.feature_dim)(size)),
+            Layer::Pool4 => (backbone == "vgg16").then(|| 512 * (size as usize / 16).pow(2)),
+        }
+    }
 }
 
 /// The subset of a head run's `cache_key.json` that `predict` needs; runs trained on a
@@ -106,6 +140,8 @@ struct RunKey {
     dtype: String,
     #[serde(default = "f32_name")]
     compute: String,
+    #[serde(default)]
+    layer: Layer,
 }
 
 /// Format-1 keys written before `compute` existed were computed in f32.
@@ -141,6 +177,7 @@ impl CacheKey {
         check(self.dtype == other.dtype, "dtype");
         check(self.compute == other.compute, "compute");
         check(self.dim == other.dim, "dim");
+        check(self.layer == other.layer, "layer");
         d
     }
 
@@ -170,9 +207,9 @@ impl CacheKey {
                 self.format
             ));
         }
-        let Ok(backbone) = crate::features::backbone::spec(&self.backbone) else {
+        if crate::features::backbone::spec(&self.backbone).is_err() {
             return Err(format!("unknown backbone `{}`", self.backbone));
-        };
+        }
         if !is_hex(&self.weights_sha256, 64) {
             return Err("`weights_sha256` is not 64 hex digits".into());
         }
@@ -197,7 +234,12 @@ impl CacheKey {
         if !numbers || p.std.contains(&0.0) {
             return Err("preprocessing numbers must be finite, std non-zero".into());
         }
-        let expected = (backbone.feature_dim)(p.input_size);
+        let Some(expected) = self.layer.dim(&self.backbone, p.input_size) else {
+            return Err(format!(
+                "layer {:?} does not exist in backbone `{}`",
+                self.layer, self.backbone
+            ));
+        };
         if self.dim != expected {
             return Err(format!(
                 "dim {} but input_size {} gives {expected}",
@@ -226,9 +268,11 @@ impl CacheKey {
             message: m,
         };
         let k: RunKey = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
-        let dim = (crate::features::backbone::spec(&k.backbone)
-            .map_err(|e| bad(e.to_string()))?
-            .feature_dim)(k.preprocessing.input_size);
+        crate::features::backbone::spec(&k.backbone).map_err(|e| bad(e.to_string()))?;
+        let dim = k
+            .layer
+            .dim(&k.backbone, k.preprocessing.input_size)
+            .ok_or_else(|| bad(format!("no layer {:?} in `{}`", k.layer, k.backbone)))?;
         let key = CacheKey {
             format: FORMAT_VERSION,
             backbone: k.backbone,
@@ -237,6 +281,7 @@ impl CacheKey {
             dtype: k.dtype,
             compute: k.compute,
             dim,
+            layer: k.layer,
         };
         key.validate().map_err(bad)?;
         Ok(key)
@@ -839,5 +884,6 @@ pub fn example_key(input_size: u32, dtype: &str) -> CacheKey {
         dtype: dtype.into(),
         compute: "f32".into(),
         dim: crate::features::backbone::Vgg16Features::feature_dim(input_size),
+        layer: Layer::Output,
     }
 }
