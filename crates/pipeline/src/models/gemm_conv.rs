@@ -26,7 +26,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithD
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::models::ops::{data, op_error, Float};
+use crate::models::ops::{conv3x3_bwd, data, op_error, Float};
 
 /// Images per partial sum of the weight gradient (fixed, so sums are deterministic).
 const CHUNK: usize = 8;
@@ -306,21 +306,14 @@ impl CustomOp3 for GemmConv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (cout, cin) = (weight.dim(0)?, weight.dim(1)?);
-        let packed = x.apply_op2_no_bwd(&grad, &GradParams)?;
-        let dw = packed
-            .narrow(0, 0, cout * cin * 9)?
-            .reshape(weight.shape())?;
-        let db = packed
-            .narrow(0, cout * cin * 9, cout)?
-            .reshape(bias.shape())?;
-        let dx = if self.input_grad {
-            Some(grad.apply_op2_no_bwd(weight, &GradInput)?)
-        } else {
-            None
-        };
-        Ok((dx, Some(dw), Some(db)))
+        conv3x3_bwd(
+            x,
+            weight,
+            bias,
+            grad,
+            &GradParams,
+            self.input_grad.then_some(&GradInput),
+        )
     }
 }
 

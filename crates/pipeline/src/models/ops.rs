@@ -363,22 +363,42 @@ impl CustomOp3 for Conv3x3 {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (cout, cin) = (weight.dim(0)?, weight.dim(1)?);
-        let packed = x.apply_op2_no_bwd(&grad, &ConvGradParams)?;
-        let dw = packed
-            .narrow(0, 0, cout * cin * 9)?
-            .reshape(weight.shape())?;
-        let db = packed
-            .narrow(0, cout * cin * 9, cout)?
-            .reshape(bias.shape())?;
-        let dx = if self.input_grad {
-            Some(grad.apply_op2_no_bwd(weight, &ConvGradInput)?)
-        } else {
-            None
-        };
-        Ok((dx, Some(dw), Some(db)))
+        conv3x3_bwd(
+            x,
+            weight,
+            bias,
+            grad,
+            &ConvGradParams,
+            self.input_grad.then_some(&ConvGradInput),
+        )
     }
+}
+
+/// The backward of a 3x3 convolution op whose gradients come from two ops: `params` maps
+/// `(x, grad)` to the packed `[dW | db]`, `input` (when the input is tracked) maps
+/// `(grad, weight)` to dx. Shared by [`conv3x3`] and `gemm_conv`'s op.
+pub(crate) fn conv3x3_bwd(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    grad: &Tensor,
+    params: &impl CustomOp2,
+    input: Option<&impl CustomOp2>,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let (cout, cin) = (weight.dim(0)?, weight.dim(1)?);
+    let packed = x.apply_op2_no_bwd(&grad, params)?;
+    let dw = packed
+        .narrow(0, 0, cout * cin * 9)?
+        .reshape(weight.shape())?;
+    let db = packed
+        .narrow(0, cout * cin * 9, cout)?
+        .reshape(bias.shape())?;
+    let dx = match input {
+        Some(op) => Some(grad.apply_op2_no_bwd(weight, op)?),
+        None => None,
+    };
+    Ok((dx, Some(dw), Some(db)))
 }
 
 /// `(x, grad)` -> packed `[dw | db]` (see [`conv_grad_params`]).
